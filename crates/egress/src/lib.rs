@@ -1,1 +1,37 @@
+//! Ephemeral egress addresses for cfr (draft-scalone-cfr-source-privacy).
+//!
+//! Each tunnel leaves from a source address drawn with a CSPRNG, uniformly over the operator's
+//! prefixes ([`EgressPool`], [`ConnectionEgress`]), through a socket bound to it with freebind
+//! ([`connect_tcp`], [`bind_udp`]). [`check::diagnose`] tells an operator what is missing on the host.
+//!
+//! Privacy rules this crate keeps: the mapping client ↔ egress address is never disclosed: no address
+//! in metrics labels, errors or logs above debug level.
+
 #![forbid(unsafe_code)]
+
+pub mod check;
+mod config;
+mod pool;
+mod socket;
+
+pub use config::{EgressConfig, EgressPolicy, Fallback, ParseNameError};
+pub use pool::{ConnectionEgress, EgressPool};
+pub use socket::{bind_udp, connect_tcp};
+
+/// Why no egress address could be had. Messages never contain an egress address.
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum EgressError {
+    /// The pool has no prefix of the destination's family and the fallback is `refuse`.
+    #[error("no egress prefix for IPv{} destinations (fallback is refuse)", if *v6 { 6 } else { 4 })]
+    NoAddressForFamily {
+        /// The destination is IPv6.
+        v6: bool,
+    },
+    /// The configuration cannot be used as it is.
+    #[error("invalid egress configuration: {0}")]
+    InvalidConfig(String),
+    /// Every draw hit a reserved address (probability ≤ 2^-128 for a validated pool).
+    #[error("could not draw an egress address")]
+    DrawFailed,
+}
