@@ -1,0 +1,230 @@
+//! A TCP tunnel: the DATA frames of a classic CONNECT stream as a byte stream (RFC 9114 §4.4).
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h3::error::{Code, StreamError};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::PollSender;
+
+use crate::client::H3Stream;
+
+type SendHalf = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type RecvHalf = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// Largest chunk one `poll_write` queues; the queue holds [`WRITE_QUEUE`] chunks, so a tunnel
+/// buffers at most 512 KiB beyond QUIC's own send buffer.
+const MAX_CHUNK: usize = 64 * 1024;
+const WRITE_QUEUE: usize = 8;
+
+/// A byte stream through the relay to a TCP destination.
+///
+/// - `poll_shutdown` sends FIN (the relay half-closes the TCP connection); reading still works.
+/// - A stream reset by the relay (H3_CONNECT_ERROR: the destination reset the TCP connection)
+///   surfaces as [`io::ErrorKind::ConnectionReset`].
+/// - Dropping the tunnel without `shutdown` resets the stream with H3_CONNECT_ERROR, so the
+///   relay aborts the TCP connection (RFC 9114 §4.4).
+pub struct TcpTunnel {
+    response: http::Response<()>,
+    recv: RecvHalf,
+    leftover: Bytes,
+    read_done: bool,
+    tx: PollSender<Bytes>,
+    write_error: Arc<Mutex<Option<io::ErrorKind>>>,
+    /// Resolves when the writer has sent FIN (after `tx` was closed by `poll_shutdown`).
+    finished: Option<oneshot::Receiver<io::Result<()>>>,
+    shut: bool,
+    /// Dropped → the writer resets the stream unless it already finished.
+    _abort: oneshot::Sender<()>,
+}
+
+impl TcpTunnel {
+    pub(crate) fn new(stream: H3Stream, response: http::Response<()>) -> Self {
+        let (send, recv) = stream.split();
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let (abort_tx, abort_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let write_error = Arc::new(Mutex::new(None));
+        tokio::spawn(write_pump(send, rx, abort_rx, done_tx, write_error.clone()));
+        TcpTunnel {
+            response,
+            recv,
+            leftover: Bytes::new(),
+            read_done: false,
+            tx: PollSender::new(tx),
+            write_error,
+            finished: Some(done_rx),
+            shut: false,
+            _abort: abort_tx,
+        }
+    }
+
+    /// The relay's 2xx response.
+    pub fn response(&self) -> &http::Response<()> {
+        &self.response
+    }
+
+    fn write_err(&self) -> io::Error {
+        let kind = self
+            .write_error
+            .lock()
+            .unwrap()
+            .unwrap_or(io::ErrorKind::BrokenPipe);
+        io::Error::new(kind, "tunnel send side closed")
+    }
+}
+
+pub(crate) fn io_error(e: StreamError) -> io::Error {
+    match e {
+        // RFC 9114 §4.4: the proxy resets the stream with H3_CONNECT_ERROR when the TCP
+        // connection to the destination was reset or failed.
+        StreamError::RemoteTerminate { code } => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("relay reset the stream ({code})"),
+        ),
+        StreamError::ConnectionError(c) => {
+            io::Error::new(io::ErrorKind::ConnectionAborted, c.to_string())
+        }
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+async fn write_pump(
+    mut send: SendHalf,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut abort: oneshot::Receiver<()>,
+    done: oneshot::Sender<io::Result<()>>,
+    error: Arc<Mutex<Option<io::ErrorKind>>>,
+) {
+    let fail = |e: StreamError| {
+        let e = io_error(e);
+        *error.lock().unwrap() = Some(e.kind());
+        e
+    };
+    loop {
+        tokio::select! {
+            // Drop of the tunnel wins over queued data: the application abandoned the stream.
+            biased;
+            _ = &mut abort => {
+                send.stop_stream(Code::H3_CONNECT_ERROR);
+                return;
+            }
+            msg = rx.recv() => match msg {
+                Some(data) => {
+                    tokio::select! {
+                        biased;
+                        _ = &mut abort => {
+                            send.stop_stream(Code::H3_CONNECT_ERROR);
+                            return;
+                        }
+                        r = send.send_data(data) => if let Err(e) = r {
+                            let _ = done.send(Err(fail(e)));
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    // poll_shutdown closed the queue after everything was written: FIN.
+                    let r = send.finish().await.map_err(fail);
+                    let _ = done.send(r);
+                    return;
+                }
+            },
+        }
+    }
+}
+
+impl AsyncRead for TcpTunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.leftover.is_empty() {
+                let n = this.leftover.len().min(buf.remaining());
+                buf.put_slice(&this.leftover.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_recv_data(cx)) {
+                Ok(Some(mut data)) => this.leftover = data.copy_to_bytes(data.remaining()),
+                Ok(None) => this.read_done = true,
+                Err(e) => {
+                    this.read_done = true;
+                    return Poll::Ready(Err(io_error(e)));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TcpTunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.shut {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            )));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if ready!(this.tx.poll_reserve(cx)).is_err() {
+            return Poll::Ready(Err(this.write_err()));
+        }
+        let n = buf.len().min(MAX_CHUNK);
+        if this
+            .tx
+            .send_item(Bytes::copy_from_slice(&buf[..n]))
+            .is_err()
+        {
+            return Poll::Ready(Err(this.write_err()));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Queued chunks are written by the pump as fast as QUIC flow control allows; the queue is
+        // bounded, so there is nothing more a flush could force.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.shut {
+            this.shut = true;
+            // Closing the queue tells the pump to send FIN once the queued data is out.
+            this.tx.close();
+        }
+        match this.finished.as_mut() {
+            None => Poll::Ready(Ok(())),
+            Some(rx) => {
+                let r = ready!(Pin::new(rx).poll(cx));
+                this.finished = None;
+                Poll::Ready(r.unwrap_or_else(|_| Err(this.write_err())))
+            }
+        }
+    }
+}
+
+impl Drop for TcpTunnel {
+    fn drop(&mut self) {
+        if !self.read_done {
+            // We will not read the rest: ask the relay to stop sending (RFC 9000 §3.5).
+            self.recv.stop_sending(Code::H3_CONNECT_ERROR);
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! A UDP tunnel (RFC 9298): UDP payloads as HTTP Datagrams with context ID 0, in QUIC DATAGRAM
+//! frames (RFC 9297 §2) or DATAGRAM capsules on the request stream (RFC 9297 §3.5).
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, Bytes};
+use cfr_proto::capsule::{self, Capsule, CapsuleDecoder};
+use cfr_proto::datagram;
+use h3::error::Code;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::client::{stream_error, Conn, H3Stream};
+use crate::ClientError;
+
+type SendHalf = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type RecvHalf = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// Capsules queued for the request stream; senders wait when it is full (capsules are reliable).
+const CAPSULE_QUEUE: usize = 64;
+
+/// Largest DATAGRAM capsule value we accept: context ID varint + the largest UDP payload.
+const MAX_CAPSULE_VALUE: usize = datagram::MAX_UDP_PAYLOAD + 8;
+
+enum WriteCmd {
+    Data(Bytes),
+    /// Abort the stream with this code (the receive side saw a protocol error).
+    Reset(Code),
+}
+
+/// How the tunnel ended, for `recv` after the queue drained.
+#[derive(Debug, Clone)]
+enum Ended {
+    Closed,
+    Protocol(String),
+    Error(String),
+}
+
+/// A UDP flow through the relay to one destination.
+///
+/// Received payloads from QUIC datagrams and capsules share one bounded queue; when it is full,
+/// new payloads are dropped (UDP semantics). Dropping the tunnel finishes the request stream.
+pub struct UdpTunnel {
+    response: http::Response<()>,
+    conn: Arc<Conn>,
+    qsid: u64,
+    quic_datagrams: bool,
+    writer: mpsc::Sender<WriteCmd>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
+    ended: Arc<Mutex<Option<Ended>>>,
+    reader: JoinHandle<()>,
+}
+
+impl UdpTunnel {
+    pub(crate) fn new(
+        conn: Arc<Conn>,
+        stream: H3Stream,
+        response: http::Response<()>,
+        quic_datagrams: bool,
+        queue_tx: mpsc::Sender<Bytes>,
+        queue_rx: mpsc::Receiver<Bytes>,
+    ) -> Self {
+        let qsid = datagram::quarter_stream_id(stream.id().into_inner());
+        // Registered only now, after the 2xx: datagrams the relay sent before we saw the response
+        // headers are dropped, which RFC 9297 §2.1 allows.
+        conn.routes.insert(qsid, queue_tx.clone());
+        let (send, recv) = stream.split();
+        let (wtx, wrx) = mpsc::channel(CAPSULE_QUEUE);
+        tokio::spawn(write_pump(send, wrx));
+        let ended = Arc::new(Mutex::new(None));
+        let reader = tokio::spawn(read_capsules(
+            recv,
+            queue_tx,
+            wtx.clone(),
+            conn.clone(),
+            qsid,
+            ended.clone(),
+        ));
+        UdpTunnel {
+            response,
+            conn,
+            qsid,
+            quic_datagrams,
+            writer: wtx,
+            rx: tokio::sync::Mutex::new(queue_rx),
+            ended,
+            reader,
+        }
+    }
+
+    /// The relay's 2xx response.
+    pub fn response(&self) -> &http::Response<()> {
+        &self.response
+    }
+
+    /// True if this tunnel sends QUIC DATAGRAM frames, false if DATAGRAM capsules.
+    pub fn uses_quic_datagrams(&self) -> bool {
+        self.quic_datagrams
+    }
+
+    /// The request stream's quarter stream ID (RFC 9297 §2.1).
+    pub fn quarter_stream_id(&self) -> u64 {
+        self.qsid
+    }
+
+    /// Sends one UDP payload (empty is valid, RFC 9298 §5). In QUIC datagram mode a payload too
+    /// large for one QUIC DATAGRAM frame goes as a capsule instead (RFC 9297 allows both).
+    pub async fn send(&self, payload: &[u8]) -> Result<(), ClientError> {
+        self.send_context(datagram::UDP_PAYLOAD_CONTEXT, payload)
+            .await
+    }
+
+    /// Sends a datagram with another context ID (tests: the relay must drop it, RFC 9298 §4).
+    pub async fn send_unknown_context(&self, ctx: u64, data: &[u8]) -> Result<(), ClientError> {
+        self.send_context(ctx, data).await
+    }
+
+    async fn send_context(&self, ctx: u64, data: &[u8]) -> Result<(), ClientError> {
+        if data.len() > datagram::MAX_UDP_PAYLOAD {
+            return Err(ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("UDP payload of {} bytes exceeds 65527", data.len()),
+            )));
+        }
+        if let Some(e) = self.ended.lock().unwrap().clone() {
+            return Err(e.into());
+        }
+        if self.quic_datagrams {
+            let frame = datagram::encode_quic_datagram(self.qsid, ctx, data);
+            let fits = self
+                .conn
+                .quic
+                .max_datagram_size()
+                .is_some_and(|max| frame.len() <= max);
+            if fits {
+                return match self.conn.quic.send_datagram_wait(frame).await {
+                    Ok(()) => Ok(()),
+                    Err(quinn::SendDatagramError::ConnectionLost(e)) => {
+                        Err(ClientError::Connect(e.to_string()))
+                    }
+                    Err(e) => Err(ClientError::Connect(e.to_string())),
+                };
+            }
+        }
+        let mut buf = Vec::with_capacity(data.len() + 16);
+        capsule::encode_datagram(ctx, data, &mut buf);
+        self.writer
+            .send(WriteCmd::Data(Bytes::from(buf)))
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Receives one UDP payload (possibly empty). `Err(Closed)` once the relay ended the stream
+    /// and everything received was returned.
+    pub async fn recv(&self) -> Result<Bytes, ClientError> {
+        match self.rx.lock().await.recv().await {
+            Some(b) => Ok(b),
+            None => Err(self
+                .ended
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or(Ended::Closed)
+                .into()),
+        }
+    }
+
+    /// Ends the tunnel: finishes the request stream (same as dropping it).
+    pub fn close(self) {}
+}
+
+impl From<Ended> for ClientError {
+    fn from(e: Ended) -> Self {
+        match e {
+            Ended::Closed => ClientError::Closed,
+            Ended::Protocol(m) => ClientError::Protocol(m),
+            Ended::Error(m) => ClientError::H3(m),
+        }
+    }
+}
+
+impl Drop for UdpTunnel {
+    fn drop(&mut self) {
+        self.conn.routes.remove(self.qsid);
+        self.reader.abort();
+        // Dropping `writer` lets the write pump finish the stream once the reader's clone is
+        // gone too (the reader task is aborted above).
+    }
+}
+
+async fn write_pump(mut send: SendHalf, mut rx: mpsc::Receiver<WriteCmd>) {
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            WriteCmd::Data(b) => {
+                if send.send_data(b).await.is_err() {
+                    return;
+                }
+            }
+            WriteCmd::Reset(code) => {
+                send.stop_stream(code);
+                return;
+            }
+        }
+    }
+    // All handles gone: the tunnel was closed or dropped.
+    let _ = send.finish().await;
+}
+
+async fn read_capsules(
+    mut recv: RecvHalf,
+    queue: mpsc::Sender<Bytes>,
+    writer: mpsc::Sender<WriteCmd>,
+    conn: Arc<Conn>,
+    qsid: u64,
+    ended: Arc<Mutex<Option<Ended>>>,
+) {
+    let mut decoder = CapsuleDecoder::new(MAX_CAPSULE_VALUE);
+    let outcome = 'outer: loop {
+        match recv.recv_data().await {
+            Ok(Some(mut chunk)) => {
+                while chunk.has_remaining() {
+                    let part = chunk.chunk();
+                    let n = part.len();
+                    decoder.push(part);
+                    chunk.advance(n);
+                }
+                loop {
+                    match decoder.next_capsule() {
+                        Ok(Some(Capsule::Datagram {
+                            context_id: datagram::UDP_PAYLOAD_CONTEXT,
+                            data,
+                        })) => {
+                            if queue.try_send(data).is_err() {
+                                conn.routes
+                                    .dropped
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        // RFC 9298 §4: unknown context IDs are dropped; RFC 9297 §3.2: unknown
+                        // capsule types are skipped.
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => break 'outer Ended::Protocol(e.to_string()),
+                    }
+                }
+            }
+            Ok(None) => {
+                // RFC 9297 §3.3: a capsule cut short by the end of the stream is malformed.
+                break match decoder.finish() {
+                    Ok(()) => Ended::Closed,
+                    Err(e) => Ended::Protocol(e.to_string()),
+                };
+            }
+            Err(e) => break Ended::Error(stream_error(e).to_string()),
+        }
+    };
+    if let Ended::Protocol(_) = outcome {
+        // RFC 9297 §3.3: a malformed capsule aborts the stream with H3_DATAGRAM_ERROR.
+        recv.stop_sending(Code::H3_DATAGRAM_ERROR);
+        let _ = writer.try_send(WriteCmd::Reset(Code::H3_DATAGRAM_ERROR));
+    }
+    *ended.lock().unwrap() = Some(outcome);
+    // Dropping the dispatcher's sender and ours closes the queue: `recv` drains, then ends.
+    conn.routes.remove(qsid);
+}
