@@ -1,1 +1,17 @@
+//! The cfr relay: MASQUE tunnels (RFC 9114 §4.4 CONNECT, RFC 9298 CONNECT-UDP) over HTTP/3, each
+//! leaving from its own egress address, behind authentication, a destination policy and limits.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod http3;
+pub mod metrics;
+pub mod policy;
+pub mod resolve;
+pub mod server;
+pub mod tls;
+pub mod tunnel;
+
+pub use config::RelayConfig;
+pub use resolve::{HostsThenSystem, Resolver};
+pub use server::{Relay, RelayHandle, StartError};

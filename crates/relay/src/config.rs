@@ -1,0 +1,348 @@
+//! Relay configuration: one typed struct, deserialised with unknown keys rejected and validated
+//! once at start-up. Nothing else in the relay parses configuration strings.
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use cfr_egress::{EgressConfig, EgressPolicy, Fallback};
+
+/// Everything `cfr relay` can be told, as read from `--config FILE` (TOML) and flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// UDP address of the HTTP/3 listener.
+    pub listen: SocketAddr,
+    /// PEM certificate chain presented to clients.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// Directory where `cfr relay` creates a dev CA, certificate and token when they are missing.
+    pub state_dir: PathBuf,
+    /// Seconds open tunnels get to finish after SIGTERM/SIGINT before the relay closes them.
+    pub drain_secs: u64,
+    /// Prometheus scrape endpoint (`/metrics`); off when absent.
+    pub metrics: Option<SocketAddr>,
+    pub auth: AuthConfig,
+    pub policy: PolicyConfig,
+    pub limits: LimitsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub resolver: ResolverConfig,
+    pub egress: EgressConfig,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "[::]:4433".parse().expect("static address"),
+            cert: PathBuf::from("certs/server.pem"),
+            key: PathBuf::from("certs/server.key"),
+            state_dir: PathBuf::from("certs"),
+            drain_secs: 30,
+            metrics: None,
+            auth: AuthConfig::default(),
+            policy: PolicyConfig::default(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            resolver: ResolverConfig::default(),
+            egress: EgressConfig::default(),
+        }
+    }
+}
+
+/// Who may open tunnels.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// SHA-256 (hex) of accepted bearer tokens.
+    pub token_sha256: Vec<String>,
+    /// File with one SHA-256 (hex) token hash per line (`#` comments allowed).
+    pub token_file: Option<PathBuf>,
+    /// PEM CA bundle: a client certificate chaining to it authenticates the connection (mTLS).
+    pub client_ca: Option<PathBuf>,
+    /// Require both a client certificate and a token (only meaningful with `client_ca`).
+    pub require_client_cert: bool,
+    /// Accept every request unauthenticated. For tests and labs only.
+    pub insecure_open_relay: bool,
+}
+
+/// Which destinations may be dialled, on top of the built-in deny list of reserved ranges.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Destinations allowed even if they fall in a reserved range (e.g. `127.0.0.0/8` in tests).
+    pub allow: Vec<IpNet>,
+    /// Destinations always refused (checked before `allow`).
+    pub deny: Vec<IpNet>,
+    /// Allowed destination ports: `"443"` or `"1-65535"` entries.
+    pub ports: Vec<String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            ports: vec!["1-65535".to_owned()],
+        }
+    }
+}
+
+/// Resource bounds. Every queue and table in the relay is bounded by one of these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Concurrent tunnels one client connection may hold.
+    pub tunnels_per_connection: u32,
+    /// Concurrent tunnels across the relay.
+    pub total_tunnels: u32,
+    /// Concurrent connections from one client IP address.
+    pub connections_per_client: u32,
+    /// Concurrent client connections across the relay.
+    pub total_connections: u32,
+    /// Bytes a TCP tunnel reads from one side before the other side has taken them.
+    pub tcp_buffer_bytes: usize,
+    /// Datagrams queued per UDP tunnel towards the destination before new ones are dropped.
+    pub datagram_queue: usize,
+    /// Concurrent DNS lookups.
+    pub dns_concurrency: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            tunnels_per_connection: 256,
+            total_tunnels: 16_384,
+            connections_per_client: 32,
+            total_connections: 4_096,
+            tcp_buffer_bytes: 64 * 1024,
+            datagram_queue: 512,
+            dns_concurrency: 64,
+        }
+    }
+}
+
+/// Time bounds, in seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// QUIC/TLS handshake.
+    pub handshake_secs: u64,
+    /// DNS resolution of a target name.
+    pub dns_secs: u64,
+    /// TCP connect to a destination (per address tried).
+    pub connect_secs: u64,
+    /// A TCP tunnel with no bytes in either direction for this long is closed.
+    pub tcp_idle_secs: u64,
+    /// A UDP tunnel with no datagram in either direction for this long is closed (RFC 9298 §3.1
+    /// recommends at least two minutes).
+    pub udp_idle_secs: u64,
+    /// A client connection with no traffic at all for this long is closed (QUIC idle timeout).
+    pub connection_idle_secs: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            handshake_secs: 10,
+            dns_secs: 5,
+            connect_secs: 10,
+            tcp_idle_secs: 300,
+            udp_idle_secs: 120,
+            connection_idle_secs: 60,
+        }
+    }
+}
+
+/// Name resolution.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolverConfig {
+    /// Static name → addresses entries consulted before the system resolver.
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Use only `hosts`; names not listed there fail with `dns_error`.
+    pub hosts_only: bool,
+}
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl RelayConfig {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: RelayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The effective configuration as TOML (what `cfr check-config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Checks ranges and cross-field rules; the error names the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must be greater than 0".into(),
+                });
+            }
+            Ok(())
+        }
+        let l = &self.limits;
+        positive(
+            "limits.tunnels_per_connection",
+            l.tunnels_per_connection.into(),
+        )?;
+        positive("limits.total_tunnels", l.total_tunnels.into())?;
+        positive(
+            "limits.connections_per_client",
+            l.connections_per_client.into(),
+        )?;
+        positive("limits.total_connections", l.total_connections.into())?;
+        positive("limits.datagram_queue", l.datagram_queue as u64)?;
+        positive("limits.dns_concurrency", l.dns_concurrency.into())?;
+        if !(1024..=16 * 1024 * 1024).contains(&l.tcp_buffer_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "limits.tcp_buffer_bytes",
+                message: "must be between 1024 and 16777216".into(),
+            });
+        }
+        let t = &self.timeouts;
+        positive("timeouts.handshake_secs", t.handshake_secs)?;
+        positive("timeouts.dns_secs", t.dns_secs)?;
+        positive("timeouts.connect_secs", t.connect_secs)?;
+        positive("timeouts.tcp_idle_secs", t.tcp_idle_secs)?;
+        positive("timeouts.udp_idle_secs", t.udp_idle_secs)?;
+        positive("timeouts.connection_idle_secs", t.connection_idle_secs)?;
+        if self.listen.port() == 0 && self.metrics.is_some_and(|m| m.port() == 0) {
+            // Harmless; both ephemeral.
+        }
+        parse_port_ranges(&self.policy.ports).map_err(|message| ConfigError::Invalid {
+            key: "policy.ports",
+            message,
+        })?;
+        for h in &self.auth.token_sha256 {
+            parse_token_hash(h).map_err(|message| ConfigError::Invalid {
+                key: "auth.token_sha256",
+                message,
+            })?;
+        }
+        if self.auth.require_client_cert && self.auth.client_ca.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "auth.require_client_cert",
+                message: "needs auth.client_ca".into(),
+            });
+        }
+        cfr_egress::EgressPool::new(&self.egress).map_err(|e| ConfigError::Invalid {
+            key: "egress",
+            message: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.timeouts.handshake_secs)
+    }
+}
+
+/// Parses `["443", "8000-8999"]` into inclusive ranges; port 0 is never allowed.
+pub fn parse_port_ranges(entries: &[String]) -> Result<Vec<RangeInclusive<u16>>, String> {
+    entries
+        .iter()
+        .map(|e| {
+            let (lo, hi) = match e.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (e.trim(), e.trim()),
+            };
+            let lo: u16 = lo
+                .parse()
+                .map_err(|_| format!("`{e}` is not a port or port range"))?;
+            let hi: u16 = hi
+                .parse()
+                .map_err(|_| format!("`{e}` is not a port or port range"))?;
+            if lo == 0 || lo > hi {
+                return Err(format!(
+                    "`{e}`: ranges must be within 1-65535 and ascending"
+                ));
+            }
+            Ok(lo..=hi)
+        })
+        .collect()
+}
+
+/// Parses a hex SHA-256 token hash.
+pub fn parse_token_hash(hex_hash: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(hex_hash.trim()).map_err(|_| "token hash is not hex".to_string())?;
+    bytes
+        .try_into()
+        .map_err(|_| "token hash must be 32 bytes (64 hex digits) of SHA-256".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let cfg = RelayConfig::default();
+        cfg.validate().unwrap();
+        let again = RelayConfig::from_toml(&cfg.to_toml()).unwrap();
+        assert_eq!(cfg, again);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = RelayConfig::from_toml("[limits]\ntunnels_per_conection = 3\n").unwrap_err();
+        assert!(err.to_string().contains("tunnels_per_conection"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        let err = RelayConfig::from_toml("[timeouts]\nudp_idle_secs = 0\n").unwrap_err();
+        assert!(err.to_string().contains("timeouts.udp_idle_secs"), "{err}");
+        let err = RelayConfig::from_toml("[policy]\nports = [\"0-80\"]\n").unwrap_err();
+        assert!(err.to_string().contains("policy.ports"), "{err}");
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        let r = parse_port_ranges(&["443".into(), "8000-8999".into()]).unwrap();
+        assert_eq!(r, vec![443..=443, 8000..=8999]);
+    }
+}

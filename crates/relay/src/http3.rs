@@ -1,0 +1,312 @@
+//! The HTTP/3 front-end: QUIC endpoint, one task per connection, one per request, and a
+//! per-connection QUIC DATAGRAM router keyed by quarter stream ID.
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h3::error::Code;
+use h3::server::RequestStream;
+use h3::ConnectionState;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics as m;
+use crate::tunnel::{
+    serve_request, Abort, ClientConn, Core, DatagramOut, Exchange, TunnelRecv, TunnelSend,
+    UdpChannels,
+};
+
+type BidiStream = h3_quinn::BidiStream<Bytes>;
+type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// QUIC transport settings for client connections.
+pub fn transport_config(core: &Core) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    let limits = &core.config.limits;
+    // Request streams bound the tunnels a connection can even ask for; the relay's own limit
+    // answers 503 below this, so give a little headroom for requests that get refused.
+    t.max_concurrent_bidi_streams((limits.tunnels_per_connection + 16).into());
+    // Control, QPACK encoder/decoder, plus grease.
+    t.max_concurrent_uni_streams(16u32.into());
+    t.max_idle_timeout(
+        Duration::from_secs(core.config.timeouts.connection_idle_secs)
+            .try_into()
+            .ok(),
+    );
+    t.stream_receive_window((4u32 << 20).into());
+    t.receive_window((16u32 << 20).into());
+    t.send_window(16 << 20);
+    // Advertises max_datagram_frame_size (RFC 9221), needed for HTTP Datagrams (RFC 9297 §2.1.1).
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    t
+}
+
+/// Serves one accepted QUIC connection until it closes.
+pub async fn serve_connection(
+    core: Arc<Core>,
+    quic: quinn::Connection,
+    client: Arc<ClientConn>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    // RFC 9297 §2.1.1 / RFC 9220 §3: advertise H3_DATAGRAM=1 and ENABLE_CONNECT_PROTOCOL=1.
+    let mut h3 = match h3::server::builder()
+        .enable_extended_connect(true)
+        .enable_datagram(true)
+        .max_field_section_size(16 * 1024)
+        .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(error = %e, "HTTP/3 setup failed");
+            return;
+        }
+    };
+    let router = Arc::new(DatagramRouter::default());
+    let reader = tasks.spawn(route_datagrams(quic.clone(), router.clone()));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                // RFC 9114 §5.2: GOAWAY; requests already accepted run to completion.
+                let _ = h3.shutdown(0).await;
+            }
+            accepted = h3.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    let core = core.clone();
+                    let client = client.clone();
+                    let quic = quic.clone();
+                    let router = router.clone();
+                    tasks.spawn(async move {
+                        let (req, stream) = match resolver.resolve_request().await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                // Malformed request heads (including unknown :protocol values) are
+                                // reset inside h3; the connection and other tunnels carry on.
+                                tracing::debug!(error = %e, "request rejected by HTTP/3 layer");
+                                metrics::counter!(m::TUNNELS, "kind" => "unknown", "outcome" => "http_request_error").increment(1);
+                                return;
+                            }
+                        };
+                        let (head, ()) = req.into_parts();
+                        let protocol = head.extensions.get::<h3::ext::Protocol>().map(|p| p.as_str().to_owned());
+                        let queue = core.config.limits.datagram_queue;
+                        let exchange = H3Exchange { stream, quic, router, route: None, queue };
+                        serve_request(&core, &client, &head, protocol.as_deref(), exchange).await;
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if !e.is_h3_no_error() {
+                        tracing::debug!(error = %e, "HTTP/3 connection ended");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    reader.abort();
+}
+
+/// Routes incoming QUIC DATAGRAM frames to their tunnel by quarter stream ID (RFC 9297 §2.1).
+#[derive(Default)]
+struct DatagramRouter {
+    routes: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+}
+
+impl DatagramRouter {
+    fn register(&self, qsid: u64, tx: mpsc::Sender<Bytes>) {
+        self.routes.lock().expect("router lock").insert(qsid, tx);
+    }
+    fn unregister(&self, qsid: u64) {
+        self.routes.lock().expect("router lock").remove(&qsid);
+    }
+}
+
+async fn route_datagrams(quic: quinn::Connection, router: Arc<DatagramRouter>) {
+    while let Ok(frame) = quic.read_datagram().await {
+        match cfr_proto::datagram::split_quarter_stream_id(&frame) {
+            Ok((qsid, payload)) => {
+                let tx = router
+                    .routes
+                    .lock()
+                    .expect("router lock")
+                    .get(&qsid)
+                    .cloned();
+                match tx {
+                    // Queue full: drop, never block the connection.
+                    Some(tx) => {
+                        if tx.try_send(payload).is_err() {
+                            metrics::counter!(m::DROPS, "reason" => "datagram_queue_full")
+                                .increment(1);
+                        }
+                    }
+                    // RFC 9297 §2.1: datagrams for streams without a tunnel are dropped (they may
+                    // arrive before the request or after its end).
+                    None => metrics::counter!(m::DROPS, "reason" => "datagram_unknown_stream")
+                        .increment(1),
+                }
+            }
+            Err(_) => metrics::counter!(m::DROPS, "reason" => "malformed_datagram").increment(1),
+        }
+    }
+}
+
+struct H3Exchange {
+    stream: RequestStream<BidiStream, Bytes>,
+    quic: quinn::Connection,
+    router: Arc<DatagramRouter>,
+    route: Option<RouteGuard>,
+    queue: usize,
+}
+
+impl Exchange for H3Exchange {
+    type Recv = H3Recv;
+    type Send = H3Send;
+
+    async fn respond(self, response: http::Response<()>) -> io::Result<Option<(H3Recv, H3Send)>> {
+        let H3Exchange {
+            mut stream, route, ..
+        } = self;
+        let ok = response.status().is_success();
+        stream
+            .send_response(response)
+            .await
+            .map_err(io::Error::other)?;
+        if !ok {
+            // RFC 9114 §4.1: the response is complete; tell the client to stop sending its body.
+            stream.stop_sending(Code::H3_NO_ERROR);
+            let _ = stream.finish().await;
+            return Ok(None);
+        }
+        let (send, recv) = stream.split();
+        Ok(Some((
+            H3Recv {
+                inner: recv,
+                _route: route,
+            },
+            H3Send { inner: send },
+        )))
+    }
+
+    fn udp_channels(&mut self) -> UdpChannels {
+        let qsid = cfr_proto::datagram::quarter_stream_id(self.stream.id().into_inner());
+        let (tx, rx) = mpsc::channel(self.queue);
+        self.router.register(qsid, tx);
+        // RFC 9297 §2.1.1: send QUIC DATAGRAM frames only if the client sent SETTINGS_H3_DATAGRAM=1
+        // and the max_datagram_frame_size transport parameter.
+        let negotiated =
+            self.stream.settings().enable_datagram() && self.quic.max_datagram_size().is_some();
+        let out: Option<Box<dyn DatagramOut>> = negotiated.then(|| {
+            Box::new(QuicDatagrams {
+                quic: self.quic.clone(),
+                qsid,
+            }) as Box<dyn DatagramOut>
+        });
+        // Unregistered when the receive half is dropped.
+        self.route = Some(RouteGuard {
+            router: self.router.clone(),
+            qsid,
+        });
+        UdpChannels {
+            datagrams_in: Some(rx),
+            datagrams_out: out,
+        }
+    }
+
+    fn protocol(&self) -> &'static str {
+        "h3"
+    }
+}
+
+struct RouteGuard {
+    router: Arc<DatagramRouter>,
+    qsid: u64,
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        self.router.unregister(self.qsid);
+    }
+}
+
+struct QuicDatagrams {
+    quic: quinn::Connection,
+    qsid: u64,
+}
+
+impl DatagramOut for QuicDatagrams {
+    fn max_payload(&self) -> Option<usize> {
+        let max = self.quic.max_datagram_size()?;
+        max.checked_sub(cfr_proto::varint::encoded_len(self.qsid))
+    }
+
+    fn send(&self, payload: Bytes) -> Result<(), ()> {
+        let mut frame = Vec::with_capacity(8 + payload.len());
+        cfr_proto::varint::encode(self.qsid, &mut frame);
+        frame.extend_from_slice(&payload);
+        self.quic.send_datagram(Bytes::from(frame)).map_err(|_| ())
+    }
+}
+
+fn abort_code(why: Abort) -> Code {
+    match why {
+        Abort::ConnectError => Code::H3_CONNECT_ERROR,
+        Abort::DatagramError => Code::H3_DATAGRAM_ERROR,
+        Abort::Cancelled => Code::H3_REQUEST_CANCELLED,
+    }
+}
+
+pub struct H3Recv {
+    inner: RecvHalf,
+    /// Keeps the tunnel's datagram route registered for as long as the tunnel reads.
+    _route: Option<RouteGuard>,
+}
+
+impl TunnelRecv for H3Recv {
+    async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        match self.inner.recv_data().await {
+            Ok(Some(mut buf)) => Ok(Some(buf.copy_to_bytes(buf.remaining()))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                e.to_string(),
+            )),
+        }
+    }
+
+    fn abort(&mut self, why: Abort) {
+        self.inner.stop_sending(abort_code(why));
+    }
+}
+
+pub struct H3Send {
+    inner: SendHalf,
+}
+
+impl TunnelSend for H3Send {
+    async fn send(&mut self, data: Bytes) -> io::Result<()> {
+        self.inner
+            .send_data(data)
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.inner
+            .finish()
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))
+    }
+
+    fn reset(&mut self, why: Abort) {
+        self.inner.stop_stream(abort_code(why));
+    }
+}

@@ -1,0 +1,275 @@
+//! The relay process: binds the listeners, accepts client connections within limits, and drains
+//! gracefully on shutdown (GOAWAY, grace period, close).
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::RelayConfig;
+use crate::http3;
+use crate::metrics as m;
+use crate::policy::DestinationPolicy;
+use crate::resolve::Resolver;
+use crate::tls;
+use crate::tunnel::Core;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running relay. `run` drives it; the handle's token starts the drain.
+pub struct Relay {
+    core: Arc<Core>,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    clients: Arc<ClientTable>,
+}
+
+/// Lets another task stop a relay.
+#[derive(Clone, Debug)]
+pub struct RelayHandle {
+    shutdown: CancellationToken,
+}
+
+impl RelayHandle {
+    /// Starts the graceful drain (what SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Relay {
+    /// Binds the HTTP/3 listener. `extra_tokens`: plaintext tokens accepted in addition to the
+    /// configured hashes (the generated dev token).
+    pub async fn bind(
+        config: RelayConfig,
+        resolver: Arc<dyn Resolver>,
+        extra_tokens: &[String],
+    ) -> Result<Relay, StartError> {
+        config
+            .validate()
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let auth = Authenticator::new(&config.auth, extra_tokens).map_err(StartError::Config)?;
+        let mut policy = DestinationPolicy::new(&config.policy).map_err(StartError::Config)?;
+        let egress = cfr_egress::EgressPool::new(&config.egress)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        for net in egress.prefixes() {
+            policy.add_own_net(*net);
+        }
+        let tls = tls::server_config(
+            &config.cert,
+            &config.key,
+            config.auth.client_ca.as_deref(),
+            &[tls::ALPN_H3],
+        )?;
+        let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| StartError::Config(format!("TLS config unusable for QUIC: {e}")))?;
+        let listen = config.listen;
+        // Bind first so the own-address rule knows the real port.
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
+        let core_for_transport = Core::new(
+            config.clone(),
+            auth.clone(),
+            policy.clone(),
+            egress.clone(),
+            resolver.clone(),
+        );
+        server_config.transport_config(Arc::new(http3::transport_config(&core_for_transport)));
+        drop(core_for_transport);
+        let endpoint =
+            quinn::Endpoint::server(server_config, listen).map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
+        policy.add_own_socket(local_addr);
+        let core = Arc::new(Core::new(config, auth, policy, egress, resolver));
+        Ok(Relay {
+            core,
+            endpoint,
+            local_addr,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            clients: Arc::new(ClientTable::default()),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Accepts connections until shutdown, then drains: GOAWAY to every client, no new
+    /// connections, open tunnels get `drain_secs` to finish, then everything is closed.
+    pub async fn run(self) {
+        let Relay {
+            core,
+            endpoint,
+            shutdown,
+            tasks,
+            clients,
+            ..
+        } = self;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    accept(&core, incoming, &clients, &shutdown, &tasks);
+                }
+            }
+        }
+        metrics::gauge!(m::DRAINING).set(1.0);
+        let grace = Duration::from_secs(core.config.drain_secs);
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "draining: GOAWAY sent, waiting for open tunnels"
+        );
+        endpoint.set_server_config(None);
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!("drain grace period over; closing remaining tunnels");
+        }
+        endpoint.close(quinn::VarInt::from_u32(0x100), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        metrics::gauge!(m::DRAINING).set(0.0);
+        tracing::info!("relay stopped");
+    }
+}
+
+fn accept(
+    core: &Arc<Core>,
+    incoming: quinn::Incoming,
+    clients: &Arc<ClientTable>,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let ip = incoming.remote_address().ip();
+    let limits = &core.config.limits;
+    let Some(slot) = clients.admit(ip, limits.connections_per_client, limits.total_connections)
+    else {
+        metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);
+        incoming.refuse();
+        return;
+    };
+    let core = core.clone();
+    let shutdown = shutdown.clone();
+    let tasks2 = tasks.clone();
+    let handshake = core.config.handshake_timeout();
+    tasks.spawn(async move {
+        let _slot = slot;
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "handshake refused");
+                return;
+            }
+        };
+        let quic = match tokio::time::timeout(handshake, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "handshake").increment(1);
+                tracing::debug!(error = %e, "handshake failed");
+                return;
+            }
+            Err(_) => {
+                metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "handshake_timeout")
+                    .increment(1);
+                return;
+            }
+        };
+        let verified = quic
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .is_some_and(|chain| !chain.is_empty());
+        metrics::counter!(m::CONNECTIONS, "protocol" => "h3").increment(1);
+        metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
+        // Connection-level events may name the client, never a destination.
+        tracing::info!(client = %quic.remote_address(), mtls = verified, "connection opened");
+        let client = Arc::new(core.client_conn(verified));
+        http3::serve_connection(core, quic.clone(), client, shutdown, tasks2).await;
+        metrics::gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);
+        tracing::info!(client = %quic.remote_address(), "connection closed");
+    });
+}
+
+/// Open connections per client address.
+#[derive(Default)]
+pub(crate) struct ClientTable {
+    inner: Mutex<(HashMap<IpAddr, u32>, u32)>,
+}
+
+pub(crate) struct ClientSlot {
+    table: Arc<ClientTable>,
+    ip: IpAddr,
+}
+
+impl ClientTable {
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        per_client: u32,
+        total: u32,
+    ) -> Option<ClientSlot> {
+        let mut g = self.inner.lock().expect("client table");
+        let (map, count) = &mut *g;
+        if *count >= total {
+            return None;
+        }
+        let n = map.entry(ip).or_insert(0);
+        if *n >= per_client {
+            return None;
+        }
+        *n += 1;
+        *count += 1;
+        Some(ClientSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut g = self.table.inner.lock().expect("client table");
+        let (map, count) = &mut *g;
+        *count -= 1;
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
