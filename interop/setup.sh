@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Idempotent setup for the Python interop clients: a pinned venv in interop/.venv and the Debian
+# packages the end-to-end tests use. Safe to re-run; non-interactive; expects root (or sudo-less apt).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="$here/.venv"
+req="$here/requirements.txt"
+stamp="$venv/.requirements.sha256"
+
+log() { printf 'interop/setup.sh: %s\n' "$*"; }
+
+# --- Debian packages -------------------------------------------------------------------------
+need_pkgs=()
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    # Debian splits venv/ensurepip out of python3.
+    need_pkgs+=(python3-venv)
+fi
+if ((${#need_pkgs[@]})); then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "missing ${need_pkgs[*]} and no apt-get; install them by hand" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    log "apt-get update (once) to install: ${need_pkgs[*]}"
+    timeout 600 apt-get update -qq
+    timeout 900 apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    log "installed Debian packages: ${need_pkgs[*]}"
+else
+    log "Debian packages present (iproute2, curl, python3-venv)"
+fi
+
+# --- venv ------------------------------------------------------------------------------------
+if [[ ! -x "$venv/bin/python" ]]; then
+    log "creating venv $venv"
+    python3 -m venv "$venv"
+else
+    log "venv exists: $venv"
+fi
+
+want="$(sha256sum "$req" | cut -d' ' -f1)"
+have="$(cat "$stamp" 2>/dev/null || true)"
+if [[ "$want" != "$have" ]]; then
+    log "installing pinned requirements from $req"
+    timeout 900 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+    echo "$want" >"$stamp"
+    log "installed: $("$venv/bin/python" -m pip freeze --disable-pip-version-check | grep -iE '^(aioquic|curl.cffi)=' | tr '\n' ' ')"
+else
+    log "requirements already installed (stamp matches)"
+fi
+
+# Fail loudly here rather than in a test if the wheels are unusable on this machine.
+"$venv/bin/python" -c 'import aioquic, curl_cffi; from curl_cffi.const import CurlProxyType; assert CurlProxyType.HTTPS3 == 8' \
+    || { log "import check failed" >&2; exit 1; }
+log "ok: $venv/bin/python (aioquic + curl_cffi importable, CurlProxyType.HTTPS3 present)"
