@@ -6,6 +6,7 @@
 
 pub mod capsule;
 pub mod datagram;
+pub mod fuzzing;
 pub mod proxy_status;
 pub mod target;
 pub mod varint;
