@@ -306,7 +306,7 @@ impl EgressPool {
 
     /// Stable sort: addresses of families the pool covers come first, so a dual-stack name is reached
     /// from a pool address when one family has none. No change when the pool covers both or neither.
-    pub fn sort_by_preference(&self, addrs: &mut Vec<SocketAddr>) {
+    pub fn sort_by_preference(&self, addrs: &mut [SocketAddr]) {
         let (v4, v6) = (self.covers(false), self.covers(true));
         if v4 == v6 {
             return;
