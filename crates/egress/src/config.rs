@@ -151,6 +151,26 @@ mod tests {
     }
 
     #[test]
+    fn config_parses_kebab_case_names_and_rejects_unknown_fields() {
+        let c: EgressConfig = toml::from_str(
+            r#"
+            prefixes = ["2001:db8:cf::/64", "198.51.100.0/24"]
+            policy = "per-connection"
+            fallback = "refuse"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.prefixes.len(), 2);
+        assert_eq!(c.policy, EgressPolicy::PerConnection);
+        assert_eq!(c.fallback, Fallback::Refuse);
+        assert_eq!(c.epoch_secs, 600, "omitted fields take their defaults");
+        let round_trip: EgressConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(round_trip, c);
+        assert!(toml::from_str::<EgressConfig>("prefix = []").is_err());
+        assert!(toml::from_str::<EgressConfig>(r#"policy = "PerTunnel""#).is_err());
+    }
+
+    #[test]
     fn default_config_is_empty_per_tunnel_600s_system() {
         let c = EgressConfig::default();
         assert!(c.prefixes.is_empty());

@@ -18,6 +18,19 @@ pub use config::{EgressConfig, EgressPolicy, Fallback, ParseNameError};
 pub use pool::{ConnectionEgress, EgressPool};
 pub use socket::{bind_udp, connect_tcp};
 
+/// Registers descriptions of this crate's metrics with the installed `metrics` recorder. Labels are
+/// `family` (`v4`/`v6`) and `proto` (`tcp`/`udp`) only: never an address.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "cfr_egress_addresses_issued_total",
+        "Egress source addresses freshly drawn from the pool (reuse under per-connection/epoch not counted)"
+    );
+    metrics::describe_counter!(
+        "cfr_egress_bind_failures_total",
+        "Outgoing sockets that could not bind (or, for TCP, get a port for) their egress source address"
+    );
+}
+
 /// Why no egress address could be had. Messages never contain an egress address.
 #[derive(thiserror::Error, Debug)]
 #[non_exhaustive]

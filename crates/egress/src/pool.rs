@@ -616,6 +616,13 @@ mod tests {
     }
 
     #[test]
+    fn handles_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<EgressPool>();
+        assert_send_sync::<ConnectionEgress>();
+    }
+
+    #[test]
     fn per_tunnel_draws_a_fresh_address_each_time() {
         let p = per_tunnel(&["2001:db8:cf::/64"]);
         let c = p.connection();
