@@ -194,25 +194,50 @@ impl Conn {
     }
 
     /// Sends a request and waits for the response headers.
+    ///
+    /// A relay that went silent is detected within about `liveness` instead of QUIC's idle
+    /// timeout: our request must be acknowledged within an RTT, so a whole window without any
+    /// packet from the relay means it is gone; the connection is then closed.
     async fn request(
         &self,
         req: http::Request<()>,
+        liveness: Duration,
     ) -> Result<(H3Stream, http::Response<()>), OpenError> {
         let mut sender = self.send_request.lock().unwrap().clone();
         let mut stream = sender
             .send_request(req)
             .await
             .map_err(|e| OpenError::BeforeSend(stream_error(e)))?;
-        let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, stream.recv_response()).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return Err(OpenError::AfterSend(stream_error(e))),
-            Err(_) => {
-                stream.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
-                stream.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
-                return Err(OpenError::AfterSend(ClientError::Timeout));
+        let started = Instant::now();
+        let resp = {
+            let recv = stream.recv_response();
+            tokio::pin!(recv);
+            loop {
+                let rx_before = self.quic.stats().udp_rx.datagrams;
+                match tokio::time::timeout(liveness, &mut recv).await {
+                    Ok(r) => break r.map_err(|e| OpenError::AfterSend(stream_error(e))),
+                    Err(_) if self.quic.stats().udp_rx.datagrams == rx_before => {
+                        self.quic
+                            .close(quinn::VarInt::from_u32(0x100), b"relay unresponsive");
+                        break Err(OpenError::AfterSend(ClientError::Connect(
+                            "relay stopped responding".into(),
+                        )));
+                    }
+                    Err(_) if started.elapsed() >= RESPONSE_TIMEOUT => {
+                        break Err(OpenError::AfterSend(ClientError::Timeout))
+                    }
+                    Err(_) => {}
+                }
             }
         };
-        Ok((stream, resp))
+        match resp {
+            Ok(resp) => Ok((stream, resp)),
+            Err(e) => {
+                stream.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                stream.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -400,7 +425,7 @@ impl RelayClient {
         loop {
             let conn = self.conn().await?;
             let req = build(&conn)?;
-            match conn.request(req).await {
+            match conn.request(req, self.inner.cfg.connect_timeout).await {
                 Ok((stream, resp)) => return Ok((conn, stream, resp)),
                 Err(OpenError::BeforeSend(e)) if !retried && !conn.is_alive() => {
                     tracing::debug!(error = %e, "relay connection died; reconnecting");

@@ -99,7 +99,15 @@ impl RelayUrl {
         if host.contains('%') {
             return Err(bad("IPv6 zone identifiers are not allowed"));
         }
-        let port = auth.port_u16().unwrap_or(443);
+        // http::Uri leaves an out-of-range port unparsed rather than rejecting it.
+        let port_text = auth
+            .as_str()
+            .rsplit_once(']')
+            .map_or(auth.as_str(), |(_, p)| p);
+        let port = match port_text.rsplit_once(':') {
+            Some((_, p)) => p.parse::<u16>().map_err(|_| bad("bad port"))?,
+            None => 443,
+        };
         if port == 0 {
             return Err(bad("port 0"));
         }
