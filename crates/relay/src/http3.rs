@@ -268,11 +268,16 @@ pub struct H3Recv {
     inner: RecvHalf,
     /// Keeps the tunnel's datagram route registered for as long as the tunnel reads.
     _route: Option<RouteGuard>,
+    /// A `recv` future was cancelled mid-read (see `abort`).
+    reading: bool,
 }
 
 impl TunnelRecv for H3Recv {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        match self.inner.recv_data().await {
+        self.reading = true;
+        let res = self.inner.recv_data().await;
+        self.reading = false;
+        match res {
             Ok(Some(mut buf)) => Ok(Some(buf.copy_to_bytes(buf.remaining()))),
             Ok(None) => Ok(None),
             Err(e) => Err(io::Error::new(
@@ -283,7 +288,11 @@ impl TunnelRecv for H3Recv {
     }
 
     fn abort(&mut self, why: Abort) {
-        self.inner.stop_sending(abort_code(why));
+        // h3-quinn 0.0.10 panics on stop_sending while a cancelled read still owns the stream;
+        // in that case dropping the half sends STOP_SENDING (quinn does so for unfinished streams).
+        if !self.reading {
+            self.inner.stop_sending(abort_code(why));
+        }
     }
 }
 

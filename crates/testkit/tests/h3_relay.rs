@@ -1,0 +1,466 @@
+//! End-to-end: the in-repo client through the real relay (QUIC on loopback) to real origins.
+use std::sync::Arc;
+use std::time::Duration;
+
+use cfr_client::{ClientError, DatagramMode, RelayClient};
+use cfr_proto::ProxyError;
+use cfr_testkit::origins::{dev_pki, tls_client_roundtrip, TcpEcho, TlsSink, UdpEcho};
+use cfr_testkit::relay::{named, target, TestRelay, ORIGIN_NAME};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn lo() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+async fn tcp_roundtrip(client: &RelayClient, t: &cfr_proto::Target, msg: &[u8]) {
+    let mut tunnel = tokio::time::timeout(LIMIT, client.connect_tcp(t))
+        .await
+        .expect("no timeout")
+        .expect("tunnel opens");
+    tunnel.write_all(msg).await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(LIMIT, tunnel.read_to_end(&mut back))
+        .await
+        .expect("echo within limit")
+        .unwrap();
+    assert_eq!(back, msg, "TCP echo through the relay must be byte-exact");
+}
+
+async fn udp_roundtrip(client: &RelayClient, t: &cfr_proto::Target, payloads: &[Vec<u8>]) -> bool {
+    let tunnel = tokio::time::timeout(LIMIT, client.connect_udp(t))
+        .await
+        .expect("no timeout")
+        .expect("udp tunnel opens");
+    for p in payloads {
+        // UDP may drop; retry a few times before calling it a failure.
+        let mut got = None;
+        for _ in 0..5 {
+            tunnel.send(p).await.unwrap();
+            if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), tunnel.recv()).await {
+                got = Some(b);
+                break;
+            }
+        }
+        assert_eq!(
+            got.as_deref(),
+            Some(&p[..]),
+            "UDP echo of a {}-byte payload",
+            p.len()
+        );
+    }
+    tunnel.uses_quic_datagrams()
+}
+
+#[tokio::test]
+async fn tcp_tunnel_echoes_by_ip_and_by_name() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    tcp_roundtrip(&client, &target(echo.addr()), b"hello through cfr").await;
+    tcp_roundtrip(&client, &named(ORIGIN_NAME, echo.addr().port()), b"by name").await;
+}
+
+#[tokio::test]
+async fn tcp_tunnel_half_close_keeps_the_other_direction_open() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let mut tunnel = client.connect_tcp(&target(echo.addr())).await.unwrap();
+    let data = vec![7u8; 300_000];
+    tunnel.write_all(&data).await.unwrap();
+    // FIN towards the destination; its echo of everything must still arrive afterwards.
+    tunnel.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(LIMIT, tunnel.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.len(), data.len());
+}
+
+#[tokio::test]
+async fn udp_tunnel_echoes_with_quic_datagrams() {
+    let echo = UdpEcho::start(lo()).await;
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let used_quic = udp_roundtrip(
+        &client,
+        &target(echo.addr()),
+        &[b"small".to_vec(), vec![], vec![0xab; 1200]],
+    )
+    .await;
+    assert!(
+        used_quic,
+        "a client that negotiated HTTP datagrams gets QUIC DATAGRAM frames"
+    );
+}
+
+#[tokio::test]
+async fn udp_tunnel_echoes_with_capsules() {
+    let echo = UdpEcho::start(lo()).await;
+    let relay = TestRelay::start().await;
+    let mut cfg = relay.client_config();
+    cfg.datagrams = DatagramMode::Capsules;
+    let client = RelayClient::connect(cfg).await.unwrap();
+    let used_quic = udp_roundtrip(
+        &client,
+        &target(echo.addr()),
+        &[b"cap".to_vec(), vec![], vec![0x5a; 1200], vec![1; 9000]],
+    )
+    .await;
+    assert!(!used_quic, "capsule mode must not use QUIC datagrams");
+}
+
+#[tokio::test]
+async fn udp_tunnel_survives_unknown_context_id() {
+    let echo = UdpEcho::start(lo()).await;
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let tunnel = client.connect_udp(&target(echo.addr())).await.unwrap();
+    tunnel
+        .send_unknown_context(7, b"not for the destination")
+        .await
+        .unwrap();
+    tunnel.send(b"after").await.unwrap();
+    let got = tokio::time::timeout(LIMIT, tunnel.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..], b"after");
+    // The unknown-context datagram never reached the destination.
+    assert_eq!(echo.count(), 1, "only the context-0 datagram is forwarded");
+}
+
+#[tokio::test]
+async fn inner_tls_passes_byte_exact_both_directions() {
+    const UP: u64 = 1_500_000;
+    const DOWN: u64 = 1_200_000;
+    let sink = TlsSink::start(lo(), DOWN).await;
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let tunnel = client.connect_tcp(&target(sink.addr())).await.unwrap();
+    let mine = tls_client_roundtrip(tunnel, "localhost", dev_pki().roots(), UP, DOWN)
+        .await
+        .expect("TLS through the tunnel");
+    let theirs = sink
+        .wait_session(0, LIMIT)
+        .await
+        .expect("server saw a session");
+    assert_eq!(theirs.received_len, UP);
+    assert_eq!(
+        mine.sent_sha256, theirs.received_sha256,
+        "client→server plaintext hash"
+    );
+    assert_eq!(
+        mine.received_sha256, theirs.sent_sha256,
+        "server→client plaintext hash"
+    );
+}
+
+#[tokio::test]
+async fn hundred_concurrent_tunnels_on_one_connection() {
+    let tcp = TcpEcho::start(lo()).await;
+    let udp = UdpEcho::start(lo()).await;
+    let relay = TestRelay::start().await;
+    let client = Arc::new(relay.client().await);
+    let mut tasks = Vec::new();
+    for i in 0..100u32 {
+        let client = client.clone();
+        let (t_tcp, t_udp) = (target(tcp.addr()), target(udp.addr()));
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let msg = format!("tunnel {i}").repeat(100);
+                tcp_roundtrip(&client, &t_tcp, msg.as_bytes()).await;
+            } else {
+                udp_roundtrip(&client, &t_udp, &[format!("dgram {i}").into_bytes()]).await;
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("tunnel finished")
+            .expect("tunnel task ok");
+    }
+}
+
+async fn expect_refused(client: &RelayClient, t: &cfr_proto::Target, udp: bool) -> ClientError {
+    let res = if udp {
+        client.connect_udp(t).await.map(|_| ())
+    } else {
+        client.connect_tcp(t).await.map(|_| ())
+    };
+    match res {
+        Err(e @ ClientError::Refused { .. }) => e,
+        Err(other) => panic!("expected a refusal for {t}, got {other}"),
+        Ok(()) => panic!("expected a refusal for {t}, tunnel opened"),
+    }
+}
+
+#[tokio::test]
+async fn errors_get_precise_status_and_the_connection_keeps_working() {
+    let echo = TcpEcho::start(lo()).await;
+    let uecho = UdpEcho::start(lo()).await;
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    // A long-lived tunnel that must survive every error below.
+    let mut survivor = client.connect_tcp(&target(echo.addr())).await.unwrap();
+
+    // Closed port: connection refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = expect_refused(&client, &target(closed), false).await;
+    assert_eq!(
+        (e.status().map(|s| s.as_u16()), e.proxy_error()),
+        (Some(502), Some(ProxyError::ConnectionRefused))
+    );
+
+    // Name that does not resolve.
+    let e = expect_refused(&client, &named("nope.test", 80), false).await;
+    assert_eq!(
+        (e.status().map(|s| s.as_u16()), e.proxy_error()),
+        (Some(502), Some(ProxyError::DnsError))
+    );
+    let e = expect_refused(&client, &named("nope.test", 80), true).await;
+    assert_eq!(
+        (e.status().map(|s| s.as_u16()), e.proxy_error()),
+        (Some(502), Some(ProxyError::DnsError))
+    );
+
+    // Forbidden destinations (never dialled: the policy refuses before connecting).
+    for forbidden in [
+        "10.0.0.1:80",
+        "169.254.169.254:80",
+        "[fe80::1]:80",
+        "224.0.0.1:5353",
+    ] {
+        let e = expect_refused(&client, &target(forbidden.parse().unwrap()), false).await;
+        assert_eq!(
+            (e.status().map(|s| s.as_u16()), e.proxy_error()),
+            (Some(403), Some(ProxyError::DestinationIpProhibited)),
+            "{forbidden}"
+        );
+    }
+    // The relay itself.
+    let e = expect_refused(&client, &target(relay.addr), true).await;
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(403));
+
+    // Malformed requests sent raw.
+    for (authority, path, proto, want) in [
+        ("localhost:0", None, None, 400),
+        ("localhost:99999", None, None, 400),
+        ("[::1%25eth0]:80", None, None, 400),
+        (
+            "x",
+            Some("/.well-known/masque/udp/fe80%3A%3A1%25eth0/443/"),
+            Some("connect-udp"),
+            400,
+        ),
+        (
+            "x",
+            Some("/.well-known/masque/udp/127.0.0.1/0/"),
+            Some("connect-udp"),
+            400,
+        ),
+        ("x", Some("/not/the/template"), Some("connect-udp"), 400),
+    ] {
+        let mut b = http::Request::builder().method(http::Method::CONNECT);
+        b = match path {
+            Some(p) => b.uri(format!("https://{authority}{p}")),
+            None => b.uri(authority),
+        };
+        let mut req = b.body(()).unwrap();
+        if let Some(p) = proto {
+            let _ = p;
+            req.extensions_mut().insert(h3::ext::Protocol::CONNECT_UDP);
+        }
+        req.headers_mut().insert(
+            http::header::PROXY_AUTHORIZATION,
+            format!("Bearer {}", relay.token).parse().unwrap(),
+        );
+        match client.send_request(req).await {
+            Ok(raw) => {
+                assert_eq!(raw.response.status().as_u16(), want, "{authority} {path:?}");
+                assert!(
+                    raw.response.headers().contains_key("proxy-status"),
+                    "error responses carry Proxy-Status"
+                );
+            }
+            Err(e) => assert_eq!(
+                e.status().map(|s| s.as_u16()),
+                Some(want),
+                "{authority} {path:?}: {e}"
+            ),
+        }
+    }
+
+    // Unknown :protocol: h3 resets the stream itself; the connection survives (checked below).
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://localhost/{}", "x"))
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h3::ext::Protocol::WEB_TRANSPORT);
+    req.headers_mut().insert(
+        http::header::PROXY_AUTHORIZATION,
+        format!("Bearer {}", relay.token).parse().unwrap(),
+    );
+    match client.send_request(req).await {
+        Ok(raw) => assert_eq!(raw.response.status().as_u16(), 501),
+        Err(e) => assert!(
+            e.status().is_none_or(|s| s.as_u16() == 501),
+            "unexpected {e}"
+        ),
+    }
+
+    // Non-CONNECT methods.
+    let mut req = http::Request::builder()
+        .method(http::Method::GET)
+        .uri("https://localhost/")
+        .body(())
+        .unwrap();
+    req.headers_mut().insert(
+        http::header::PROXY_AUTHORIZATION,
+        format!("Bearer {}", relay.token).parse().unwrap(),
+    );
+    let raw = client.send_request(req).await;
+    match raw {
+        Ok(raw) => assert_eq!(raw.response.status().as_u16(), 405),
+        Err(e) => assert_eq!(e.status().map(|s| s.as_u16()), Some(405)),
+    }
+
+    // After all of that: new tunnels work, and the old one still echoes.
+    tcp_roundtrip(&client, &target(echo.addr()), b"still alive").await;
+    udp_roundtrip(&client, &target(uecho.addr()), &[b"still alive".to_vec()]).await;
+    survivor.write_all(b"survivor").await.unwrap();
+    let mut buf = [0u8; 8];
+    tokio::time::timeout(LIMIT, survivor.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"survivor");
+}
+
+#[tokio::test]
+async fn dns_timeout_is_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cfr_testkit::relay::test_config(dir.path());
+    cfg.timeouts.dns_secs = 1;
+    let relay =
+        TestRelay::start_with_resolver(dir, cfg, Arc::new(cfr_relay::resolve::NeverResolves)).await;
+    let client = relay.client().await;
+    let e = expect_refused(&client, &named("slow.test", 443), false).await;
+    assert_eq!(
+        (e.status().map(|s| s.as_u16()), e.proxy_error()),
+        (Some(504), Some(ProxyError::DnsTimeout))
+    );
+    let echo = TcpEcho::start(lo()).await;
+    tcp_roundtrip(&client, &target(echo.addr()), b"literal still works").await;
+}
+
+#[tokio::test]
+async fn missing_or_wrong_token_is_407_with_no_upstream_activity() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start().await;
+    for token in [None, Some("wrong".to_owned())] {
+        let mut cfg = relay.client_config();
+        cfg.token = token.clone();
+        let client = RelayClient::connect(cfg).await.unwrap();
+        let e = expect_refused(&client, &target(echo.addr()), false).await;
+        assert_eq!(e.status().map(|s| s.as_u16()), Some(407), "token {token:?}");
+        assert_eq!(e.proxy_error(), Some(ProxyError::HttpRequestDenied));
+        let e = expect_refused(&client, &target(echo.addr()), true).await;
+        assert_eq!(e.status().map(|s| s.as_u16()), Some(407));
+    }
+    assert!(
+        echo.peers().is_empty(),
+        "an unauthenticated request must not reach the destination"
+    );
+    let client = relay.client().await;
+    tcp_roundtrip(&client, &target(echo.addr()), b"authorised").await;
+    assert_eq!(echo.peers().len(), 1);
+}
+
+#[tokio::test]
+async fn target_reset_resets_the_client_stream() {
+    // A destination that accepts and immediately resets.
+    let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        if let Ok((s, _)) = listener.accept().await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let mut tunnel = client.connect_tcp(&target(addr)).await.unwrap();
+    let mut buf = [0u8; 16];
+    let res = tokio::time::timeout(LIMIT, tunnel.read(&mut buf))
+        .await
+        .unwrap();
+    let err = res.expect_err("a destination reset must reset the tunnel, not end it cleanly");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
+#[tokio::test]
+async fn client_reset_aborts_the_destination_connection() {
+    let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut total = Vec::new();
+        let outcome = loop {
+            match tokio::time::timeout(LIMIT, s.read(&mut buf)).await {
+                Ok(Ok(0)) => break "fin",
+                Ok(Ok(n)) => total.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break "rst",
+                Ok(Err(_)) => break "error",
+                Err(_) => break "timeout",
+            }
+        };
+        let _ = tx.send((outcome, total));
+    });
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let mut tunnel = client.connect_tcp(&target(addr)).await.unwrap();
+    tunnel.write_all(b"partial").await.unwrap();
+    tunnel.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tunnel); // dropped without shutdown: stream reset
+    let (outcome, data) = tokio::time::timeout(LIMIT, rx).await.unwrap().unwrap();
+    assert_eq!(data, b"partial");
+    assert_eq!(
+        outcome, "rst",
+        "client reset must abort the TCP connection with RST, not FIN"
+    );
+}
+
+#[tokio::test]
+async fn tunnel_limits_answer_503_and_free_up() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.limits.tunnels_per_connection = 2).await;
+    let client = relay.client().await;
+    let a = client.connect_tcp(&target(echo.addr())).await.unwrap();
+    let _b = client.connect_tcp(&target(echo.addr())).await.unwrap();
+    let e = expect_refused(&client, &target(echo.addr()), false).await;
+    assert_eq!(
+        (e.status().map(|s| s.as_u16()), e.proxy_error()),
+        (Some(503), Some(ProxyError::ConnectionLimitReached))
+    );
+    // Another connection has its own budget.
+    let other = relay.client().await;
+    tcp_roundtrip(&other, &target(echo.addr()), b"other client").await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tcp_roundtrip(&client, &target(echo.addr()), b"slot freed").await;
+}
