@@ -191,6 +191,7 @@ impl Exchange for H3Exchange {
             H3Recv {
                 inner: recv,
                 _route: route,
+                reading: false,
             },
             H3Send { inner: send },
         )))

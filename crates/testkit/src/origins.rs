@@ -39,6 +39,10 @@ pub const TLS_UPLOAD_SEED: u64 = 1;
 /// Pattern seed of what [`TlsSink`] sends back.
 pub const TLS_DOWNLOAD_SEED: u64 = 2;
 
+/// A fatal TLS `handshake_failure` alert record: a [`RecordingTcp`] reply that makes a TLS
+/// client give up at once instead of waiting for a ServerHello.
+pub const TLS_HANDSHAKE_FAILURE_ALERT: &[u8] = &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
+
 /// Bound on any single test-side wait (a TLS session, a recording, a full roundtrip).
 const WAIT_LIMIT: Duration = Duration::from_secs(60);
 /// A connection that sends nothing for this long is closed by the origins that read until EOF.
