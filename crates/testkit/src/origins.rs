@@ -858,8 +858,14 @@ impl HttpsOrigin {
         dev_pki().ca_der()
     }
 
-    /// `https://localhost:PORT` (the certificate also covers 127.0.0.1 and ::1).
+    /// `https://127.0.0.1:PORT/path` or `https://[::1]:PORT/path` (the bound address; the
+    /// certificate covers both literals and `localhost`).
     pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    /// `https://localhost:PORT/path`, for tests that want the relay to resolve a name.
+    pub fn localhost_url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.addr.port())
     }
 
@@ -925,8 +931,14 @@ impl H3Origin {
         dev_pki().ca_der()
     }
 
-    /// `https://localhost:PORT` (UDP port; the certificate also covers 127.0.0.1 and ::1).
+    /// `https://127.0.0.1:PORT/path` or `https://[::1]:PORT/path` (the bound address; the
+    /// certificate covers both literals and `localhost`).
     pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    /// `https://localhost:PORT/path`, for tests that want the relay to resolve a name.
+    pub fn localhost_url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.addr.port())
     }
 
@@ -964,6 +976,12 @@ async fn serve_h3(incoming: quinn::Incoming, log: Arc<Log<SeenRequest>>) {
             let Ok((req, mut stream)) = resolver.resolve_request().await else {
                 return;
             };
+            // Read the request to its end first: quinn answers an unread receive side that is
+            // dropped with STOP_SENDING(0), which curl reports as a stream reset.
+            let _ = tokio::time::timeout(WAIT_LIMIT, async {
+                while let Ok(Some(_)) = stream.recv_data().await {}
+            })
+            .await;
             let path = req.uri().path().to_string();
             let (status, body) = route(req.method(), &path);
             log.push(SeenRequest {
