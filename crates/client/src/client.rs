@@ -209,6 +209,9 @@ impl Conn {
             .await
             .map_err(|e| OpenError::BeforeSend(stream_error(e)))?;
         let started = Instant::now();
+        // Set when we give up while h3-quinn still holds the stream inside a pending read: its
+        // stop_sending would panic then (h3-quinn 0.0.10), and dropping the stream stops it anyway.
+        let mut read_pending = false;
         let resp = {
             let recv = stream.recv_response();
             tokio::pin!(recv);
@@ -217,6 +220,7 @@ impl Conn {
                 match tokio::time::timeout(liveness, &mut recv).await {
                     Ok(r) => break r.map_err(|e| OpenError::AfterSend(stream_error(e))),
                     Err(_) if self.quic.stats().udp_rx.datagrams == rx_before => {
+                        read_pending = true;
                         self.quic
                             .close(quinn::VarInt::from_u32(0x100), b"relay unresponsive");
                         break Err(OpenError::AfterSend(ClientError::Connect(
@@ -224,7 +228,8 @@ impl Conn {
                         )));
                     }
                     Err(_) if started.elapsed() >= RESPONSE_TIMEOUT => {
-                        break Err(OpenError::AfterSend(ClientError::Timeout))
+                        read_pending = true;
+                        break Err(OpenError::AfterSend(ClientError::Timeout));
                     }
                     Err(_) => {}
                 }
@@ -234,7 +239,9 @@ impl Conn {
             Ok(resp) => Ok((stream, resp)),
             Err(e) => {
                 stream.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
-                stream.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                if !read_pending {
+                    stream.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                }
                 Err(e)
             }
         }

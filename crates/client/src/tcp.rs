@@ -222,9 +222,9 @@ impl AsyncWrite for TcpTunnel {
 
 impl Drop for TcpTunnel {
     fn drop(&mut self) {
-        if !self.read_done {
-            // We will not read the rest: ask the relay to stop sending (RFC 9000 §3.5).
-            self.recv.stop_sending(Code::H3_CONNECT_ERROR);
-        }
+        // The write pump resets the send side (H3_CONNECT_ERROR) when `_abort` drops. The receive
+        // half is not stopped explicitly: h3 0.0.8 reads ahead, so h3-quinn 0.0.10 may hold the
+        // QUIC stream inside a pending read, where its stop_sending panics. Dropping the half
+        // drops the quinn RecvStream, which sends STOP_SENDING itself for an unfinished stream.
     }
 }

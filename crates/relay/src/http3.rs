@@ -191,7 +191,6 @@ impl Exchange for H3Exchange {
             H3Recv {
                 inner: recv,
                 _route: route,
-                reading: false,
             },
             H3Send { inner: send },
         )))
@@ -249,11 +248,11 @@ impl DatagramOut for QuicDatagrams {
         max.checked_sub(cfr_proto::varint::encoded_len(self.qsid))
     }
 
-    fn send(&self, payload: Bytes) -> Result<(), ()> {
+    fn send(&self, payload: Bytes) -> bool {
         let mut frame = Vec::with_capacity(8 + payload.len());
         cfr_proto::varint::encode(self.qsid, &mut frame);
         frame.extend_from_slice(&payload);
-        self.quic.send_datagram(Bytes::from(frame)).map_err(|_| ())
+        self.quic.send_datagram(Bytes::from(frame)).is_ok()
     }
 }
 
@@ -269,16 +268,11 @@ pub struct H3Recv {
     inner: RecvHalf,
     /// Keeps the tunnel's datagram route registered for as long as the tunnel reads.
     _route: Option<RouteGuard>,
-    /// A `recv` future was cancelled mid-read (see `abort`).
-    reading: bool,
 }
 
 impl TunnelRecv for H3Recv {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        self.reading = true;
-        let res = self.inner.recv_data().await;
-        self.reading = false;
-        match res {
+        match self.inner.recv_data().await {
             Ok(Some(mut buf)) => Ok(Some(buf.copy_to_bytes(buf.remaining()))),
             Ok(None) => Ok(None),
             Err(e) => Err(io::Error::new(
@@ -289,11 +283,11 @@ impl TunnelRecv for H3Recv {
     }
 
     fn abort(&mut self, why: Abort) {
-        // h3-quinn 0.0.10 panics on stop_sending while a cancelled read still owns the stream;
-        // in that case dropping the half sends STOP_SENDING (quinn does so for unfinished streams).
-        if !self.reading {
-            self.inner.stop_sending(abort_code(why));
-        }
+        // h3 0.0.8 reads ahead, so after any read h3-quinn 0.0.10 may hold the QUIC stream inside a
+        // pending read, where its stop_sending panics. The send side carries the error code
+        // (`H3Send::reset`); dropping this half drops the quinn RecvStream, which sends
+        // STOP_SENDING for an unfinished stream by itself.
+        let _ = why;
     }
 }
 

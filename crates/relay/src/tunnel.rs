@@ -97,6 +97,21 @@ pub struct Core {
     resolver: Arc<dyn Resolver>,
     dns_slots: Semaphore,
     tunnel_slots: Arc<Semaphore>,
+    requests: RequestCounts,
+}
+
+/// Requests per front-end protocol: the numbers behind `cfr_requests_total`, readable in-process
+/// (tests, status pages) without installing the process-global metrics recorder.
+#[derive(Debug, Default)]
+struct RequestCounts([AtomicU64; 3]);
+
+impl RequestCounts {
+    const PROTOCOLS: [&'static str; 3] = ["h3", "h2", "http/1.1"];
+
+    fn slot(&self, protocol: &str) -> Option<&AtomicU64> {
+        let i = Self::PROTOCOLS.iter().position(|p| *p == protocol)?;
+        Some(&self.0[i])
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -141,7 +156,15 @@ impl Core {
             resolver,
             dns_slots: Semaphore::new(dns),
             tunnel_slots: Arc::new(Semaphore::new(total)),
+            requests: RequestCounts::default(),
         }
+    }
+
+    /// Tunnel requests this relay received over a front-end protocol (`h3`, `h2`, `http/1.1`).
+    pub fn requests_seen(&self, protocol: &str) -> u64 {
+        self.requests
+            .slot(protocol)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// State for a new client connection.
@@ -201,11 +224,7 @@ impl Core {
     }
 
     /// Resolves a target and keeps the addresses policy allows, in dial order.
-    pub async fn resolve_allowed(
-        &self,
-        conn: &ClientConn,
-        target: &Target,
-    ) -> Result<Vec<SocketAddr>, TunnelError> {
+    pub async fn resolve_allowed(&self, target: &Target) -> Result<Vec<SocketAddr>, TunnelError> {
         let addrs = match &target.host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
             Host::Name(name) => {
@@ -251,7 +270,7 @@ impl Core {
                 details,
             ));
         }
-        conn.egress_sort(&self.egress, &mut allowed);
+        self.egress.sort_by_preference(&mut allowed);
         Ok(allowed)
     }
 
@@ -261,7 +280,7 @@ impl Core {
         conn: &ClientConn,
         target: &Target,
     ) -> Result<TcpStream, TunnelError> {
-        let addrs = self.resolve_allowed(conn, target).await?;
+        let addrs = self.resolve_allowed(target).await?;
         let timeout = Duration::from_secs(self.config.timeouts.connect_secs);
         let mut last = TunnelError::new(
             ProxyError::DestinationUnavailable,
@@ -299,7 +318,7 @@ impl Core {
         conn: &ClientConn,
         target: &Target,
     ) -> Result<UdpSocket, TunnelError> {
-        let addrs = self.resolve_allowed(conn, target).await?;
+        let addrs = self.resolve_allowed(target).await?;
         let mut last =
             TunnelError::new(ProxyError::DestinationUnavailable, "no address to send to");
         for dest in addrs {
@@ -322,12 +341,6 @@ impl Core {
     }
 }
 
-impl ClientConn {
-    fn egress_sort(&self, pool: &EgressPool, addrs: &mut Vec<SocketAddr>) {
-        pool.sort_by_preference(addrs);
-    }
-}
-
 fn connect_error(e: &io::Error) -> TunnelError {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => {
@@ -347,12 +360,15 @@ fn connect_error(e: &io::Error) -> TunnelError {
     }
 }
 
-/// How a front-end aborts a client-side stream.
+/// How a front-end aborts a client-side stream. Each front-end maps these onto its own codes
+/// (HTTP/3: `http3::abort_code`; HTTP/2: `http2::abort_reason`; HTTP/1.1 can only close the
+/// connection abruptly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Abort {
-    /// The destination reset the TCP connection (RFC 9114 §4.4: H3_CONNECT_ERROR).
+    /// The destination reset the TCP connection (RFC 9114 §4.4: H3_CONNECT_ERROR; RFC 9113 §8.5:
+    /// CONNECT_ERROR).
     ConnectError,
-    /// The client sent a malformed capsule stream (RFC 9297 §3.3: H3_DATAGRAM_ERROR).
+    /// The client sent a malformed capsule stream (RFC 9297 §3.3: H3_DATAGRAM_ERROR on HTTP/3).
     DatagramError,
     /// The relay gave up on the tunnel (idle timeout, shutdown).
     Cancelled,
@@ -379,8 +395,8 @@ pub trait TunnelSend: Send {
 pub trait DatagramOut: Send + Sync {
     /// Largest HTTP datagram payload (context ID + data) that fits a frame now, if any.
     fn max_payload(&self) -> Option<usize>;
-    /// Sends one HTTP datagram payload (context ID + data); never blocks.
-    fn send(&self, payload: Bytes) -> Result<(), ()>;
+    /// Sends one HTTP datagram payload (context ID + data); never blocks. False if it was dropped.
+    fn send(&self, payload: Bytes) -> bool;
 }
 
 /// What a finished tunnel did, for its log line.
@@ -497,7 +513,6 @@ pub async fn relay_tcp<R: TunnelRecv, S: TunnelSend>(
         r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
         r = idle_timer => r,
     };
-    drop((tcp_r, tcp_w));
     let outcome = match result {
         Ok(()) => "closed",
         Err(Stop::ClientReset) => {
@@ -660,7 +675,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                         let mut p = Vec::with_capacity(payload_len);
                         cfr_proto::varint::encode(UDP_PAYLOAD_CONTEXT, &mut p);
                         p.extend_from_slice(data);
-                        if out.send(Bytes::from(p)).is_err() {
+                        if !out.send(Bytes::from(p)) {
                             metrics::counter!(m::DROPS, "reason" => "quic_datagram_send")
                                 .increment(1);
                         }
@@ -894,6 +909,9 @@ pub async fn serve_request<E: Exchange>(
     let started = Instant::now();
     let id = tunnel_id();
     metrics::counter!(m::REQUESTS, "protocol" => exchange.protocol()).increment(1);
+    if let Some(c) = core.requests.slot(exchange.protocol()) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
     let request = core
         .authenticate(&head.headers, conn)
         .and_then(|()| classify(&head.method, protocol, &head.uri));
