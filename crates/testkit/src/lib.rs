@@ -2,3 +2,4 @@
 
 pub mod origins;
 pub mod relay;
+pub mod netns;

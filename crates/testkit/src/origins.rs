@@ -976,12 +976,7 @@ async fn serve_h3(incoming: quinn::Incoming, log: Arc<Log<SeenRequest>>) {
             let Ok((req, mut stream)) = resolver.resolve_request().await else {
                 return;
             };
-            // Read the request to its end first: quinn answers an unread receive side that is
-            // dropped with STOP_SENDING(0), which curl reports as a stream reset.
-            let _ = tokio::time::timeout(WAIT_LIMIT, async {
-                while let Ok(Some(_)) = stream.recv_data().await {}
-            })
-            .await;
+
             let path = req.uri().path().to_string();
             let (status, body) = route(req.method(), &path);
             log.push(SeenRequest {
@@ -1003,6 +998,12 @@ async fn serve_h3(incoming: quinn::Incoming, log: Arc<Log<SeenRequest>>) {
                 return;
             }
             let _ = stream.finish().await;
+            // Read the request to its end before dropping the stream: quinn answers an unread
+            // receive side with STOP_SENDING(0), which curl reports as a stream reset.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(Some(_)) = stream.recv_data().await {}
+            })
+            .await;
         });
     }
     // Let in-flight responses finish (bounded), then the connection closes with `h3`.

@@ -1,0 +1,220 @@
+//! Ephemeral egress through the real relay: every tunnel leaves from its own random address of
+//! the configured pool; policies per-connection and epoch; an open tunnel never changes source;
+//! the destination sees nothing of the client.
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cfr_client::RelayClient;
+use cfr_egress::EgressPolicy;
+use cfr_testkit::origins::{TcpEcho, UdpEcho};
+use cfr_testkit::relay::{target, TestRelay};
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIMIT: Duration = Duration::from_secs(20);
+const V4_POOL: &str = "127.64.0.0/10";
+const V6_POOL: &str = "2001:db8:cf::/64";
+
+async fn tcp_once(client: &RelayClient, dest: SocketAddr) {
+    let mut t = tokio::time::timeout(LIMIT, client.connect_tcp(&target(dest))).await.unwrap().unwrap();
+    t.write_all(b"ping").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(LIMIT, t.read_to_end(&mut back)).await.unwrap().unwrap();
+    assert_eq!(back, b"ping");
+}
+
+async fn udp_once(client: &RelayClient, dest: SocketAddr) {
+    let t = tokio::time::timeout(LIMIT, client.connect_udp(&target(dest))).await.unwrap().unwrap();
+    for attempt in 0..5 {
+        t.send(b"ping").await.unwrap();
+        if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), t.recv()).await {
+            assert_eq!(&b[..], b"ping");
+            return;
+        }
+        assert!(attempt < 4, "no UDP echo through the tunnel");
+    }
+}
+
+/// Runs `n` tunnels (`concurrency` at a time) of `kind` and returns nothing; sources are read at
+/// the destination.
+async fn many_tunnels(client: &Arc<RelayClient>, dest: SocketAddr, n: usize, udp: bool) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            if udp {
+                udp_once(&client, dest).await
+            } else {
+                tcp_once(&client, dest).await
+            }
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t).await.expect("tunnel finished").expect("tunnel ok");
+    }
+}
+
+fn assert_distinct_in_pool(sources: &[IpAddr], pool: IpNet, at_least: usize, what: &str) {
+    for s in sources {
+        assert!(pool.contains(s), "{what}: source {s} is outside the pool {pool}");
+    }
+    let distinct: HashSet<_> = sources.iter().collect();
+    assert!(
+        distinct.len() >= at_least,
+        "{what}: expected at least {at_least} distinct sources among {}, got {}",
+        sources.len(),
+        distinct.len()
+    );
+}
+
+#[test]
+fn ipv6_pool_gives_each_of_1000_tunnels_its_own_prefix_address() {
+    cfr_testkit::netns::run_in_netns(
+        "ipv6_pool_gives_each_of_1000_tunnels_its_own_prefix_address",
+        &[&["-6", "route", "add", "local", V6_POOL, "dev", "lo"]],
+        || async {
+            let pool: IpNet = V6_POOL.parse().unwrap();
+            let tcp = TcpEcho::start("[::1]:0".parse().unwrap()).await;
+            let udp = UdpEcho::start("[::1]:0".parse().unwrap()).await;
+            let relay = TestRelay::start_with(|c| {
+                c.egress.prefixes = vec![pool];
+                c.egress.fallback = cfr_egress::Fallback::Refuse;
+                c.limits.tunnels_per_connection = 1024;
+            })
+            .await;
+            let client = Arc::new(relay.client().await);
+            many_tunnels(&client, tcp.addr(), 1000, false).await;
+            many_tunnels(&client, udp.addr(), 1000, true).await;
+            let tcp_sources: Vec<IpAddr> = tcp.peers().iter().map(|p| p.ip()).collect();
+            let udp_sources: Vec<IpAddr> = udp.peers().iter().map(|p| p.ip()).collect();
+            assert_eq!(tcp_sources.len(), 1000, "the TCP destination saw every tunnel");
+            assert_eq!(udp_sources.len(), 1000, "the UDP destination saw every tunnel from its own address");
+            // 1000 draws from 2^64: a collision is practically impossible for a correct CSPRNG.
+            assert_distinct_in_pool(&tcp_sources, pool, 1000, "TCP over IPv6");
+            assert_distinct_in_pool(&udp_sources, pool, 1000, "UDP over IPv6");
+        },
+    );
+}
+
+/// A fixed local port for the client, so the test can check the destination never sees it.
+fn free_udp_port(ip: &str) -> SocketAddr {
+    let s = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
+    s.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn ipv4_pool_gives_each_tunnel_a_distinct_source_and_hides_the_client() {
+    let pool: IpNet = V4_POOL.parse().unwrap();
+    let tcp = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let udp = UdpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let relay = TestRelay::start_with(|c| c.egress.prefixes = vec![pool]).await;
+    let client_addr = free_udp_port("127.0.0.9");
+    let mut cfg = relay.client_config();
+    cfg.local_bind = Some(client_addr);
+    let client = Arc::new(RelayClient::connect(cfg).await.unwrap());
+    many_tunnels(&client, tcp.addr(), 200, false).await;
+    many_tunnels(&client, udp.addr(), 200, true).await;
+    let tcp_peers = tcp.peers();
+    let udp_peers = udp.peers();
+    // 200 draws from 2^22 addresses: P(3 or more collisions) is about 2e-8.
+    let srcs = |p: &[SocketAddr]| p.iter().map(|a| a.ip()).collect::<Vec<_>>();
+    assert_distinct_in_pool(&srcs(&tcp_peers), pool, 198, "TCP over IPv4");
+    assert_distinct_in_pool(&srcs(&udp_peers), pool, 198, "UDP over IPv4");
+    for p in tcp_peers.iter().chain(udp_peers.iter()) {
+        assert_ne!(p.ip(), client_addr.ip(), "the destination must never see the client's address");
+        assert_ne!(p.port(), client_addr.port(), "the destination must never see the client's port");
+    }
+}
+
+#[tokio::test]
+async fn per_connection_policy_shares_one_address_per_client_connection() {
+    let pool: IpNet = V4_POOL.parse().unwrap();
+    let tcp = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.egress.prefixes = vec![pool];
+        c.egress.policy = EgressPolicy::PerConnection;
+    })
+    .await;
+    let mut per_client = Vec::new();
+    for _ in 0..3 {
+        let client = relay.client().await;
+        let before = tcp.peers().len();
+        for _ in 0..5 {
+            tcp_once(&client, tcp.addr()).await;
+        }
+        let mine: HashSet<IpAddr> = tcp.peers()[before..].iter().map(|p| p.ip()).collect();
+        assert_eq!(mine.len(), 1, "all tunnels of one connection share one source, got {mine:?}");
+        per_client.push(*mine.iter().next().unwrap());
+    }
+    let distinct: HashSet<_> = per_client.iter().collect();
+    assert_eq!(distinct.len(), 3, "different connections get different sources: {per_client:?}");
+}
+
+#[tokio::test]
+async fn epoch_policy_rotates_for_new_tunnels_and_never_moves_an_open_one() {
+    let pool: IpNet = V4_POOL.parse().unwrap();
+    let tcp = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let udp = UdpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.egress.prefixes = vec![pool];
+        c.egress.policy = EgressPolicy::Epoch;
+        c.egress.epoch_secs = 2;
+    })
+    .await;
+    let client = relay.client().await;
+    // An open UDP tunnel from the first epoch.
+    let long = client.connect_udp(&target(udp.addr())).await.unwrap();
+    long.send(b"first").await.unwrap();
+    tokio::time::timeout(LIMIT, long.recv()).await.unwrap().unwrap();
+    tcp_once(&client, tcp.addr()).await;
+    tcp_once(&client, tcp.addr()).await;
+    let first_epoch: HashSet<IpAddr> = tcp.peers().iter().map(|p| p.ip()).collect();
+    assert_eq!(first_epoch.len(), 1, "tunnels within one epoch share a source");
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    tcp_once(&client, tcp.addr()).await;
+    let after = tcp.peers().last().unwrap().ip();
+    assert!(!first_epoch.contains(&after), "a tunnel opened after the epoch gets a new source");
+    // The open tunnel still leaves from its original address.
+    long.send(b"again").await.unwrap();
+    tokio::time::timeout(LIMIT, long.recv()).await.unwrap().unwrap();
+    let udp_sources: HashSet<SocketAddr> = udp.peers().into_iter().collect();
+    assert_eq!(udp_sources.len(), 1, "an open UDP tunnel never changes its source: {udp_sources:?}");
+}
+
+#[tokio::test]
+async fn long_tunnels_keep_one_source_throughout() {
+    let pool: IpNet = V4_POOL.parse().unwrap();
+    let tcp = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let udp = UdpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let relay = TestRelay::start_with(|c| c.egress.prefixes = vec![pool]).await;
+    let client = relay.client().await;
+
+    let tunnel = client.connect_udp(&target(udp.addr())).await.unwrap();
+    let mut echoed = 0;
+    for i in 0..1000u32 {
+        tunnel.send(&i.to_be_bytes()).await.unwrap();
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), tunnel.recv()).await {
+            echoed += 1;
+        }
+    }
+    assert!(echoed >= 990, "expected nearly all of 1000 datagrams echoed, got {echoed}");
+    assert!(udp.count() >= 990);
+    let sources: HashSet<SocketAddr> = udp.peers().into_iter().collect();
+    assert_eq!(sources.len(), 1, "1000 datagrams of one tunnel leave from one 4-tuple");
+    assert!(pool.contains(&sources.iter().next().unwrap().ip()));
+
+    let mut t = client.connect_tcp(&target(tcp.addr())).await.unwrap();
+    let chunk = vec![42u8; 64 * 1024];
+    let mut buf = vec![0u8; chunk.len()];
+    for _ in 0..64 {
+        t.write_all(&chunk).await.unwrap();
+        tokio::time::timeout(LIMIT, t.read_exact(&mut buf)).await.unwrap().unwrap();
+    }
+    assert_eq!(tcp.peers().len(), 1, "one TCP connection (one source) for the whole transfer");
+}
