@@ -17,6 +17,12 @@ pub use cfr_egress::{EgressConfig, EgressPolicy, Fallback};
 pub struct RelayConfig {
     /// UDP address of the HTTP/3 listener.
     pub listen: SocketAddr,
+    /// TCP address of the TLS fallback listener (HTTP/2 and HTTP/1.1 CONNECT, connect-udp with
+    /// capsules). Absent: the address of `listen` with the port the QUIC socket actually bound
+    /// (so `listen = "[::]:0"` gets one port number for both). Ignored when `tcp_enabled = false`.
+    pub listen_tcp: Option<SocketAddr>,
+    /// Serve the TLS/TCP fallback front-end at all (`false`: HTTP/3 only).
+    pub tcp_enabled: bool,
     /// PEM certificate chain presented to clients.
     pub cert: PathBuf,
     /// PEM private key of `cert`.
@@ -39,6 +45,8 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             listen: "[::]:4433".parse().expect("static address"),
+            listen_tcp: None,
+            tcp_enabled: true,
             cert: PathBuf::from("certs/server.pem"),
             key: PathBuf::from("certs/server.key"),
             state_dir: PathBuf::from("certs"),
@@ -130,7 +138,7 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsConfig {
-    /// QUIC/TLS handshake.
+    /// QUIC/TLS handshake (for the TCP front-end: TLS plus the HTTP/2 preface).
     pub handshake_secs: u64,
     /// DNS resolution of a target name.
     pub dns_secs: u64,
@@ -338,6 +346,22 @@ mod tests {
         assert!(err.to_string().contains("timeouts.udp_idle_secs"), "{err}");
         let err = RelayConfig::from_toml("[policy]\nports = [\"0-80\"]\n").unwrap_err();
         assert!(err.to_string().contains("policy.ports"), "{err}");
+    }
+
+    #[test]
+    fn tcp_listener_keys() {
+        let cfg = RelayConfig::default();
+        assert!(
+            cfg.tcp_enabled && cfg.listen_tcp.is_none(),
+            "TCP fallback on by default"
+        );
+        let cfg = RelayConfig::from_toml("listen_tcp = \"127.0.0.1:8443\"\n").unwrap();
+        assert_eq!(cfg.listen_tcp, Some("127.0.0.1:8443".parse().unwrap()));
+        let cfg = RelayConfig::from_toml("tcp_enabled = false\n").unwrap();
+        assert!(!cfg.tcp_enabled);
+        assert_eq!(RelayConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        let err = RelayConfig::from_toml("listen_tcp = \"off\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_tcp"), "{err}");
     }
 
     #[test]

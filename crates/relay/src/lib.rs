@@ -1,14 +1,18 @@
-//! The cfr relay: MASQUE tunnels (RFC 9114 §4.4 CONNECT, RFC 9298 CONNECT-UDP) over HTTP/3, each
-//! leaving from its own egress address, behind authentication, a destination policy and limits.
+//! The cfr relay: MASQUE tunnels (RFC 9114 §4.4 CONNECT, RFC 9298 CONNECT-UDP) over HTTP/3, with
+//! an HTTP/2 and HTTP/1.1 fallback over TLS/TCP, each tunnel leaving from its own egress address,
+//! behind authentication, a destination policy and limits.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod config;
+mod http1;
+mod http2;
 pub mod http3;
 pub mod metrics;
 pub mod policy;
 pub mod resolve;
 pub mod server;
+pub mod tcp_front;
 pub mod tls;
 pub mod tunnel;
 

@@ -14,6 +14,7 @@ use crate::http3;
 use crate::metrics as m;
 use crate::policy::DestinationPolicy;
 use crate::resolve::Resolver;
+use crate::tcp_front::TcpFront;
 use crate::tls;
 use crate::tunnel::Core;
 
@@ -36,6 +37,9 @@ pub struct Relay {
     core: Arc<Core>,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
+    /// The TLS/TCP fallback listener (HTTP/2, HTTP/1.1), unless `tcp_enabled = false`.
+    tcp: Option<(tokio::net::TcpListener, TcpFront)>,
+    tcp_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     clients: Arc<ClientTable>,
@@ -81,7 +85,7 @@ impl Relay {
         let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| StartError::Config(format!("TLS config unusable for QUIC: {e}")))?;
         let listen = config.listen;
-        // Bind first so the own-address rule knows the real port.
+        // Bind first so the own-address rule knows the real ports.
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
         let core_for_transport = Core::new(
             config.clone(),
@@ -92,21 +96,30 @@ impl Relay {
         );
         server_config.transport_config(Arc::new(http3::transport_config(&core_for_transport)));
         drop(core_for_transport);
-        let endpoint =
-            quinn::Endpoint::server(server_config, listen).map_err(|source| StartError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
-            addr: listen,
-            source,
-        })?;
+        let (endpoint, local_addr, tcp_listener) = bind_listeners(&config, server_config)?;
         policy.add_own_socket(local_addr);
+        let tcp_addr = match &tcp_listener {
+            Some(l) => {
+                let addr = l.local_addr().map_err(|source| StartError::Bind {
+                    addr: listen,
+                    source,
+                })?;
+                policy.add_own_socket(addr);
+                Some(addr)
+            }
+            None => None,
+        };
         let core = Arc::new(Core::new(config, auth, policy, egress, resolver));
+        let tcp = match tcp_listener {
+            Some(l) => Some((l, TcpFront::new(&core, local_addr.port())?)),
+            None => None,
+        };
         Ok(Relay {
             core,
             endpoint,
             local_addr,
+            tcp,
+            tcp_addr,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             clients: Arc::new(ClientTable::default()),
@@ -115,6 +128,11 @@ impl Relay {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Address of the TLS/TCP fallback listener, if it is enabled.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     pub fn handle(&self) -> RelayHandle {
@@ -133,11 +151,15 @@ impl Relay {
         let Relay {
             core,
             endpoint,
+            mut tcp,
             shutdown,
             tasks,
             clients,
             ..
         } = self;
+        // Cancelled when the grace period is over: TCP connections and tunnels still open are
+        // dropped (QUIC ones end with the endpoint's close).
+        let closed = CancellationToken::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -145,8 +167,32 @@ impl Relay {
                     let Some(incoming) = incoming else { break };
                     accept(&core, incoming, &clients, &shutdown, &tasks);
                 }
+                accepted = async { tcp.as_ref().expect("guarded").0.accept().await }, if tcp.is_some() => {
+                    match accepted {
+                        Ok((stream, peer)) => {
+                            let limits = &core.config.limits;
+                            match clients.admit(peer.ip(), limits.connections_per_client, limits.total_connections) {
+                                Some(slot) => {
+                                    let front = &tcp.as_ref().expect("guarded").1;
+                                    front.accept(&core, stream, peer, slot, &shutdown, &closed, &tasks);
+                                }
+                                None => {
+                                    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);
+                                    drop(stream);
+                                }
+                            }
+                        }
+                        // EMFILE and the like: keep serving what is open, retry shortly.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "TCP accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
             }
         }
+        // No new TCP connections during the drain.
+        tcp.take();
         metrics::gauge!(m::DRAINING).set(1.0);
         let grace = Duration::from_secs(core.config.drain_secs);
         tracing::info!(
@@ -158,11 +204,63 @@ impl Relay {
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!("drain grace period over; closing remaining tunnels");
         }
+        closed.cancel();
         endpoint.close(quinn::VarInt::from_u32(0x100), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         metrics::gauge!(m::DRAINING).set(0.0);
         tracing::info!("relay stopped");
     }
+}
+
+/// Binds the QUIC endpoint and, unless disabled, the TCP listener. Without `listen_tcp` the TCP
+/// listener takes the QUIC socket's port number; when `listen` asks for an ephemeral port and that
+/// number is taken on TCP, both are bound again on a fresh port.
+fn bind_listeners(
+    config: &RelayConfig,
+    server_config: quinn::ServerConfig,
+) -> Result<(quinn::Endpoint, SocketAddr, Option<tokio::net::TcpListener>), StartError> {
+    let listen = config.listen;
+    let bind_err = |addr: SocketAddr| move |source| StartError::Bind { addr, source };
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let endpoint =
+            quinn::Endpoint::server(server_config.clone(), listen).map_err(bind_err(listen))?;
+        let local_addr = endpoint.local_addr().map_err(bind_err(listen))?;
+        if !config.tcp_enabled {
+            return Ok((endpoint, local_addr, None));
+        }
+        let tcp_addr = config
+            .listen_tcp
+            .unwrap_or_else(|| SocketAddr::new(listen.ip(), local_addr.port()));
+        match tcp_listener(tcp_addr) {
+            Ok(l) => return Ok((endpoint, local_addr, Some(l))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && listen.port() == 0
+                    && config.listen_tcp.is_none()
+                    && attempts < 16 =>
+            {
+                continue
+            }
+            Err(source) => {
+                return Err(StartError::Bind {
+                    addr: tcp_addr,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 fn accept(
