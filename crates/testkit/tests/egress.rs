@@ -218,3 +218,32 @@ async fn long_tunnels_keep_one_source_throughout() {
     }
     assert_eq!(tcp.peers().len(), 1, "one TCP connection (one source) for the whole transfer");
 }
+
+#[tokio::test]
+async fn dual_stack_names_use_the_family_with_a_pool_and_refuse_mode_answers_502() {
+    let pool: IpNet = V4_POOL.parse().unwrap();
+    // Listen on both families; only IPv4 has a pool.
+    let v4 = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.egress.prefixes = vec![pool];
+        c.egress.fallback = cfr_egress::Fallback::Refuse;
+    })
+    .await;
+    let client = relay.client().await;
+    // `dual.test` resolves to ::1 first, then 127.0.0.1: the IPv4 address (which has a pool) is used.
+    let dual = cfr_testkit::relay::named("dual.test", v4.addr().port());
+    let mut t = client.connect_tcp(&dual).await.expect("dual-stack name falls back to the pooled family");
+    t.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    tokio::time::timeout(LIMIT, t.read_exact(&mut b)).await.unwrap().unwrap();
+    assert!(pool.contains(&v4.peers()[0].ip()), "the pooled family's source was used");
+    // An IPv6-only name with no IPv6 pool and fallback = refuse: 502 destination_ip_unroutable.
+    let v6_only = cfr_testkit::relay::named("origin6.test", 9);
+    match client.connect_tcp(&v6_only).await {
+        Err(e) => {
+            assert_eq!(e.status().map(|s| s.as_u16()), Some(502), "{e}");
+            assert_eq!(e.proxy_error(), Some(cfr_proto::ProxyError::DestinationIpUnroutable));
+        }
+        Ok(_) => panic!("an IPv6-only destination must be refused without an IPv6 pool in refuse mode"),
+    }
+}
