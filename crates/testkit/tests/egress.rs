@@ -18,16 +18,25 @@ const V4_POOL: &str = "127.64.0.0/10";
 const V6_POOL: &str = "2001:db8:cf::/64";
 
 async fn tcp_once(client: &RelayClient, dest: SocketAddr) {
-    let mut t = tokio::time::timeout(LIMIT, client.connect_tcp(&target(dest))).await.unwrap().unwrap();
+    let mut t = tokio::time::timeout(LIMIT, client.connect_tcp(&target(dest)))
+        .await
+        .unwrap()
+        .unwrap();
     t.write_all(b"ping").await.unwrap();
     t.shutdown().await.unwrap();
     let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, t.read_to_end(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(LIMIT, t.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(back, b"ping");
 }
 
 async fn udp_once(client: &RelayClient, dest: SocketAddr) {
-    let t = tokio::time::timeout(LIMIT, client.connect_udp(&target(dest))).await.unwrap().unwrap();
+    let t = tokio::time::timeout(LIMIT, client.connect_udp(&target(dest)))
+        .await
+        .unwrap()
+        .unwrap();
     for attempt in 0..5 {
         t.send(b"ping").await.unwrap();
         if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), t.recv()).await {
@@ -56,13 +65,19 @@ async fn many_tunnels(client: &Arc<RelayClient>, dest: SocketAddr, n: usize, udp
         }));
     }
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t).await.expect("tunnel finished").expect("tunnel ok");
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("tunnel finished")
+            .expect("tunnel ok");
     }
 }
 
 fn assert_distinct_in_pool(sources: &[IpAddr], pool: IpNet, at_least: usize, what: &str) {
     for s in sources {
-        assert!(pool.contains(s), "{what}: source {s} is outside the pool {pool}");
+        assert!(
+            pool.contains(s),
+            "{what}: source {s} is outside the pool {pool}"
+        );
     }
     let distinct: HashSet<_> = sources.iter().collect();
     assert!(
@@ -93,8 +108,16 @@ fn ipv6_pool_gives_each_of_1000_tunnels_its_own_prefix_address() {
             many_tunnels(&client, udp.addr(), 1000, true).await;
             let tcp_sources: Vec<IpAddr> = tcp.peers().iter().map(|p| p.ip()).collect();
             let udp_sources: Vec<IpAddr> = udp.peers().iter().map(|p| p.ip()).collect();
-            assert_eq!(tcp_sources.len(), 1000, "the TCP destination saw every tunnel");
-            assert_eq!(udp_sources.len(), 1000, "the UDP destination saw every tunnel from its own address");
+            assert_eq!(
+                tcp_sources.len(),
+                1000,
+                "the TCP destination saw every tunnel"
+            );
+            assert_eq!(
+                udp_sources.len(),
+                1000,
+                "the UDP destination saw every tunnel from its own address"
+            );
             // 1000 draws from 2^64: a collision is practically impossible for a correct CSPRNG.
             assert_distinct_in_pool(&tcp_sources, pool, 1000, "TCP over IPv6");
             assert_distinct_in_pool(&udp_sources, pool, 1000, "UDP over IPv6");
@@ -127,8 +150,16 @@ async fn ipv4_pool_gives_each_tunnel_a_distinct_source_and_hides_the_client() {
     assert_distinct_in_pool(&srcs(&tcp_peers), pool, 198, "TCP over IPv4");
     assert_distinct_in_pool(&srcs(&udp_peers), pool, 198, "UDP over IPv4");
     for p in tcp_peers.iter().chain(udp_peers.iter()) {
-        assert_ne!(p.ip(), client_addr.ip(), "the destination must never see the client's address");
-        assert_ne!(p.port(), client_addr.port(), "the destination must never see the client's port");
+        assert_ne!(
+            p.ip(),
+            client_addr.ip(),
+            "the destination must never see the client's address"
+        );
+        assert_ne!(
+            p.port(),
+            client_addr.port(),
+            "the destination must never see the client's port"
+        );
     }
 }
 
@@ -149,11 +180,19 @@ async fn per_connection_policy_shares_one_address_per_client_connection() {
             tcp_once(&client, tcp.addr()).await;
         }
         let mine: HashSet<IpAddr> = tcp.peers()[before..].iter().map(|p| p.ip()).collect();
-        assert_eq!(mine.len(), 1, "all tunnels of one connection share one source, got {mine:?}");
+        assert_eq!(
+            mine.len(),
+            1,
+            "all tunnels of one connection share one source, got {mine:?}"
+        );
         per_client.push(*mine.iter().next().unwrap());
     }
     let distinct: HashSet<_> = per_client.iter().collect();
-    assert_eq!(distinct.len(), 3, "different connections get different sources: {per_client:?}");
+    assert_eq!(
+        distinct.len(),
+        3,
+        "different connections get different sources: {per_client:?}"
+    );
 }
 
 #[tokio::test]
@@ -171,20 +210,37 @@ async fn epoch_policy_rotates_for_new_tunnels_and_never_moves_an_open_one() {
     // An open UDP tunnel from the first epoch.
     let long = client.connect_udp(&target(udp.addr())).await.unwrap();
     long.send(b"first").await.unwrap();
-    tokio::time::timeout(LIMIT, long.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(LIMIT, long.recv())
+        .await
+        .unwrap()
+        .unwrap();
     tcp_once(&client, tcp.addr()).await;
     tcp_once(&client, tcp.addr()).await;
     let first_epoch: HashSet<IpAddr> = tcp.peers().iter().map(|p| p.ip()).collect();
-    assert_eq!(first_epoch.len(), 1, "tunnels within one epoch share a source");
+    assert_eq!(
+        first_epoch.len(),
+        1,
+        "tunnels within one epoch share a source"
+    );
     tokio::time::sleep(Duration::from_millis(2300)).await;
     tcp_once(&client, tcp.addr()).await;
     let after = tcp.peers().last().unwrap().ip();
-    assert!(!first_epoch.contains(&after), "a tunnel opened after the epoch gets a new source");
+    assert!(
+        !first_epoch.contains(&after),
+        "a tunnel opened after the epoch gets a new source"
+    );
     // The open tunnel still leaves from its original address.
     long.send(b"again").await.unwrap();
-    tokio::time::timeout(LIMIT, long.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(LIMIT, long.recv())
+        .await
+        .unwrap()
+        .unwrap();
     let udp_sources: HashSet<SocketAddr> = udp.peers().into_iter().collect();
-    assert_eq!(udp_sources.len(), 1, "an open UDP tunnel never changes its source: {udp_sources:?}");
+    assert_eq!(
+        udp_sources.len(),
+        1,
+        "an open UDP tunnel never changes its source: {udp_sources:?}"
+    );
 }
 
 #[tokio::test]
@@ -203,10 +259,17 @@ async fn long_tunnels_keep_one_source_throughout() {
             echoed += 1;
         }
     }
-    assert!(echoed >= 990, "expected nearly all of 1000 datagrams echoed, got {echoed}");
+    assert!(
+        echoed >= 990,
+        "expected nearly all of 1000 datagrams echoed, got {echoed}"
+    );
     assert!(udp.count() >= 990);
     let sources: HashSet<SocketAddr> = udp.peers().into_iter().collect();
-    assert_eq!(sources.len(), 1, "1000 datagrams of one tunnel leave from one 4-tuple");
+    assert_eq!(
+        sources.len(),
+        1,
+        "1000 datagrams of one tunnel leave from one 4-tuple"
+    );
     assert!(pool.contains(&sources.iter().next().unwrap().ip()));
 
     let mut t = client.connect_tcp(&target(tcp.addr())).await.unwrap();
@@ -214,9 +277,16 @@ async fn long_tunnels_keep_one_source_throughout() {
     let mut buf = vec![0u8; chunk.len()];
     for _ in 0..64 {
         t.write_all(&chunk).await.unwrap();
-        tokio::time::timeout(LIMIT, t.read_exact(&mut buf)).await.unwrap().unwrap();
+        tokio::time::timeout(LIMIT, t.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
     }
-    assert_eq!(tcp.peers().len(), 1, "one TCP connection (one source) for the whole transfer");
+    assert_eq!(
+        tcp.peers().len(),
+        1,
+        "one TCP connection (one source) for the whole transfer"
+    );
 }
 
 #[tokio::test]
@@ -232,18 +302,32 @@ async fn dual_stack_names_use_the_family_with_a_pool_and_refuse_mode_answers_502
     let client = relay.client().await;
     // `dual.test` resolves to ::1 first, then 127.0.0.1: the IPv4 address (which has a pool) is used.
     let dual = cfr_testkit::relay::named("dual.test", v4.addr().port());
-    let mut t = client.connect_tcp(&dual).await.expect("dual-stack name falls back to the pooled family");
+    let mut t = client
+        .connect_tcp(&dual)
+        .await
+        .expect("dual-stack name falls back to the pooled family");
     t.write_all(b"x").await.unwrap();
     let mut b = [0u8; 1];
-    tokio::time::timeout(LIMIT, t.read_exact(&mut b)).await.unwrap().unwrap();
-    assert!(pool.contains(&v4.peers()[0].ip()), "the pooled family's source was used");
+    tokio::time::timeout(LIMIT, t.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        pool.contains(&v4.peers()[0].ip()),
+        "the pooled family's source was used"
+    );
     // An IPv6-only name with no IPv6 pool and fallback = refuse: 502 destination_ip_unroutable.
     let v6_only = cfr_testkit::relay::named("origin6.test", 9);
     match client.connect_tcp(&v6_only).await {
         Err(e) => {
             assert_eq!(e.status().map(|s| s.as_u16()), Some(502), "{e}");
-            assert_eq!(e.proxy_error(), Some(cfr_proto::ProxyError::DestinationIpUnroutable));
+            assert_eq!(
+                e.proxy_error(),
+                Some(cfr_proto::ProxyError::DestinationIpUnroutable)
+            );
         }
-        Ok(_) => panic!("an IPv6-only destination must be refused without an IPv6 pool in refuse mode"),
+        Ok(_) => {
+            panic!("an IPv6-only destination must be refused without an IPv6 pool in refuse mode")
+        }
     }
 }
