@@ -58,7 +58,7 @@ enum State {
 /// Incremental decoder for a capsule stream (a request body after a 2xx).
 ///
 /// Feed it chunks as they arrive; it yields whole capsules, skips the values of unknown capsule
-/// types without buffering them, and never buffers more than `max_capsule_len` + a header.
+/// types without buffering them, and never buffers more than `max_datagram_len` + a header.
 ///
 /// Memory bound: once [`next_capsule`](Self::next_capsule) has returned `Ok(None)` the decoder holds
 /// at most [`MAX_HEADER_LEN`] + `max_datagram_len` bytes (see [`buffered_len`](Self::buffered_len)).
