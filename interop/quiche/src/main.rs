@@ -11,6 +11,8 @@
 //! * `parallel --target H:P [--tunnels 100] [--bytes N]` — N classic CONNECT tunnels at once
 //! * `expect-status --status N [--authority A] [--protocol P] [--scheme S] [--path P]
 //!   [--no-authority] [--proxy-status-error E] [--or-reset CODE]` — crafted request, status check
+//! * `tcp-send --target H:P --hex-file F` — classic CONNECT, send the file's bytes, FIN, read to
+//!   the end; reports SHA-256 of both directions (the runner compares with the destination)
 //! * `malformed --tcp-target H:P --udp-target H:P` — h3i cases, one JSON row per case (malformed.rs)
 mod malformed;
 
@@ -26,7 +28,7 @@ use serde_json::{json, Value};
 
 const USAGE: &str = "usage: cfr-interop-quiche --relay HOST:PORT --ca FILE [--token T] \
 [--server-name NAME] [--timeout SECS] [--deadline SECS] \
-(udp-echo|tcp-echo|parallel|expect-status|malformed) [subcommand flags]";
+(udp-echo|tcp-echo|tcp-send|parallel|expect-status|malformed) [subcommand flags]";
 
 /// Largest UDP payload a QUIC packet of ours may have. Loopback carries far more; 1452 fits a
 /// 1500-byte Ethernet MTU and leaves room for a 1200-byte UDP payload in a QUIC DATAGRAM frame.
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         "tcp-echo" => tcp_echo(&opts, &rest),
         "parallel" => parallel(&opts, &rest),
         "expect-status" => expect_status(&opts, &rest),
+        "tcp-send" => tcp_send(&opts, &rest),
         other => {
             eprintln!("unknown subcommand {other}\n{USAGE}");
             return ExitCode::from(2);
@@ -990,4 +993,31 @@ fn expect_status(opts: &Opts, rest: &[String]) -> Checked {
     let _ = s.conn.close(true, 0x100, b"done");
     let _ = s.flush();
     result
+}
+
+fn tcp_send(opts: &Opts, rest: &[String]) -> Checked {
+    let f = Flags::parse(rest, &[])?;
+    let target = f.req("target")?.to_string();
+    let file = f.req("hex-file")?;
+    let hex = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+    let hex = hex.trim();
+    let data = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("x"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| format!("{file}: not hex"))?;
+    let mut s = Session::connect(opts, false)?;
+    let sid = s.classic_connect(&target)?;
+    s.await_2xx(sid)?;
+    s.send_all(sid, &data, true)?;
+    s.run_until(|s| s.streams[&sid].ended(), "the destination's reply and FIN")?;
+    let st = &s.streams[&sid];
+    if let Some(code) = st.reset {
+        return Err(format!("stream reset 0x{code:x}"));
+    }
+    let v = json!({"sent_len":data.len(),"sent_sha256":hex_sha256(&data),
+                   "received_len":st.body.len(),"received_sha256":hex_sha256(&st.body)});
+    let _ = s.conn.close(true, 0x100, b"done");
+    let _ = s.flush();
+    Ok(v)
 }
