@@ -69,7 +69,14 @@ pub async fn serve_connection(
         }
     };
     let router = Arc::new(DatagramRouter::default());
-    let reader = tasks.spawn(route_datagrams(quic.clone(), router.clone()));
+    let reader = tasks.spawn(route_datagrams(
+        core.clone(),
+        quic.clone(),
+        router.clone(),
+    ));
+    // This connection's requests, so a draining connection closes as soon as its last tunnel ends
+    // instead of idling until the client hangs up or the grace period runs out.
+    let requests = TaskTracker::new();
     let mut draining = false;
     loop {
         tokio::select! {
@@ -77,6 +84,13 @@ pub async fn serve_connection(
                 draining = true;
                 // RFC 9114 §5.2: GOAWAY; requests already accepted run to completion.
                 let _ = h3.shutdown(0).await;
+                requests.close();
+            }
+            _ = requests.wait(), if draining => {
+                // RFC 9114 §5.2: once the requests below the GOAWAY identifier are done, the
+                // endpoint may close the connection (H3_NO_ERROR).
+                quic.close(quinn::VarInt::from_u32(0x100), b"shutdown");
+                break;
             }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
@@ -84,7 +98,7 @@ pub async fn serve_connection(
                     let client = client.clone();
                     let quic = quic.clone();
                     let router = router.clone();
-                    tasks.spawn(async move {
+                    tasks.spawn(requests.track_future(async move {
                         let (req, stream) = match resolver.resolve_request().await {
                             Ok(r) => r,
                             Err(e) => {
@@ -100,7 +114,7 @@ pub async fn serve_connection(
                         let queue = core.config.limits.datagram_queue;
                         let exchange = H3Exchange { stream, quic, router, route: None, queue };
                         serve_request(&core, &client, &head, protocol.as_deref(), exchange).await;
-                    });
+                    }));
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -130,7 +144,7 @@ impl DatagramRouter {
     }
 }
 
-async fn route_datagrams(quic: quinn::Connection, router: Arc<DatagramRouter>) {
+async fn route_datagrams(core: Arc<Core>, quic: quinn::Connection, router: Arc<DatagramRouter>) {
     while let Ok(frame) = quic.read_datagram().await {
         match cfr_proto::datagram::split_quarter_stream_id(&frame) {
             Ok((qsid, payload)) => {
@@ -144,17 +158,15 @@ async fn route_datagrams(quic: quinn::Connection, router: Arc<DatagramRouter>) {
                     // Queue full: drop, never block the connection.
                     Some(tx) => {
                         if tx.try_send(payload).is_err() {
-                            metrics::counter!(m::DROPS, "reason" => "datagram_queue_full")
-                                .increment(1);
+                            core.datagram_dropped("datagram_queue_full");
                         }
                     }
                     // RFC 9297 §2.1: datagrams for streams without a tunnel are dropped (they may
                     // arrive before the request or after its end).
-                    None => metrics::counter!(m::DROPS, "reason" => "datagram_unknown_stream")
-                        .increment(1),
+                    None => core.datagram_dropped("datagram_unknown_stream"),
                 }
             }
-            Err(_) => metrics::counter!(m::DROPS, "reason" => "malformed_datagram").increment(1),
+            Err(_) => core.datagram_dropped("malformed_datagram"),
         }
     }
 }
@@ -252,6 +264,11 @@ impl DatagramOut for QuicDatagrams {
         let mut frame = Vec::with_capacity(8 + payload.len());
         cfr_proto::varint::encode(self.qsid, &mut frame);
         frame.extend_from_slice(&payload);
+        // A full send buffer means the client's path is slower than the destination: drop this
+        // datagram (and count it) rather than let quinn silently evict older ones.
+        if self.quic.datagram_send_buffer_space() < frame.len() {
+            return false;
+        }
         self.quic.send_datagram(Bytes::from(frame)).is_ok()
     }
 }

@@ -84,14 +84,26 @@ impl DestinationPolicy {
                 return Err(Refusal::OwnAddress);
             }
         }
-        if self.deny.iter().any(|n| n.contains(&ip)) {
+        // Deny lists and the relay's own networks also match the IPv4 address a mapped, compatible,
+        // NAT64 or 6to4 form embeds, so no spelling of a denied address slips through.
+        let embedded = match dest.ip() {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        let hits = |nets: &[IpNet]| {
+            nets.iter()
+                .any(|n| n.contains(&ip) || embedded.is_some_and(|e| n.contains(&e)))
+        };
+        if hits(&self.deny) {
             return Err(Refusal::OperatorDenied);
+        }
+        // Before `allow`: an egress prefix is routed to this host (`ip route add local`), so any
+        // address in it reaches the relay's own services, however broad the operator's allow list.
+        if hits(&self.own_nets) {
+            return Err(Refusal::OwnAddress);
         }
         if self.allow.iter().any(|n| n.contains(&ip)) {
             return Ok(());
-        }
-        if self.own_nets.iter().any(|n| n.contains(&ip)) {
-            return Err(Refusal::OwnAddress);
         }
         if let Some(what) = reserved(dest.ip()) {
             return Err(Refusal::Reserved(what));
@@ -350,5 +362,36 @@ mod tests {
             p.check("[2001:db8:cf::5]:80".parse().unwrap()),
             Err(Refusal::OwnAddress)
         );
+    }
+
+    #[test]
+    fn own_egress_prefix_beats_a_broader_allow() {
+        let mut p = DestinationPolicy::new(&PolicyConfig {
+            allow: vec!["127.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        })
+        .unwrap();
+        p.add_own_net("127.1.0.0/16".parse().unwrap());
+        assert_eq!(p.check(sa("127.0.0.1")), Ok(()));
+        for own in ["127.1.2.3", "::ffff:127.1.2.3"] {
+            assert_eq!(p.check(sa(own)), Err(Refusal::OwnAddress), "{own}");
+        }
+    }
+
+    #[test]
+    fn operator_deny_matches_every_spelling_of_an_ipv4_address() {
+        let p = DestinationPolicy::new(&PolicyConfig {
+            deny: vec!["8.8.8.0/24".parse().unwrap()],
+            ..Default::default()
+        })
+        .unwrap();
+        for spelling in ["8.8.8.8", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
+            assert_eq!(
+                p.check(sa(spelling)),
+                Err(Refusal::OperatorDenied),
+                "{spelling}"
+            );
+        }
+        assert_eq!(p.check(sa("8.8.4.4")), Ok(()));
     }
 }

@@ -98,6 +98,32 @@ pub struct Core {
     dns_slots: Semaphore,
     tunnel_slots: Arc<Semaphore>,
     requests: RequestCounts,
+    /// This relay's own tallies of what the metrics also count.
+    pub counters: RelayCounters,
+}
+
+/// Refusals and drops of one relay, readable in-process (tests, status pages) like
+/// [`Core::requests_seen`]; the Prometheus metrics are process-wide.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    pub auth_failures: AtomicU64,
+    pub policy_refusals: AtomicU64,
+    /// UDP payloads dropped for any reason (full queues, unknown context IDs, send errors).
+    pub datagram_drops: AtomicU64,
+}
+
+impl RelayCounters {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+impl Core {
+    /// Counts one dropped UDP payload, in the metrics (by reason) and in [`RelayCounters`].
+    pub fn datagram_dropped(&self, reason: &'static str) {
+        metrics::counter!(m::DROPS, "reason" => reason).increment(1);
+        self.counters.datagram_drops.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Requests per front-end protocol: the numbers behind `cfr_requests_total`, readable in-process
@@ -157,6 +183,7 @@ impl Core {
             dns_slots: Semaphore::new(dns),
             tunnel_slots: Arc::new(Semaphore::new(total)),
             requests: RequestCounts::default(),
+            counters: RelayCounters::default(),
         }
     }
 
@@ -188,6 +215,7 @@ impl Core {
             AuthOutcome::Allowed => Ok(()),
             outcome => {
                 metrics::counter!(m::AUTH_FAILURES).increment(1);
+                self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
                 Err(TunnelError {
                     error: ProxyError::HttpRequestDenied,
                     details: if outcome == AuthOutcome::Missing {
@@ -228,11 +256,14 @@ impl Core {
         let addrs = match &target.host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
             Host::Name(name) => {
-                let _slot = self.dns_slots.acquire().await.map_err(|_| {
-                    TunnelError::new(ProxyError::ProxyInternalError, "resolver closed")
-                })?;
+                // Waiting for a lookup slot counts against the DNS timeout, so a burst of names
+                // that never resolve costs every queued request at most `dns_secs`, not a multiple.
+                let lookup = async {
+                    let _slot = self.dns_slots.acquire().await.map_err(|_| ResolveError::Failed)?;
+                    self.resolver.resolve(name).await
+                };
                 let timeout = Duration::from_secs(self.config.timeouts.dns_secs);
-                match tokio::time::timeout(timeout, self.resolver.resolve(name)).await {
+                match tokio::time::timeout(timeout, lookup).await {
                     Err(_) => {
                         return Err(TunnelError::new(
                             ProxyError::DnsTimeout,
@@ -262,6 +293,7 @@ impl Core {
         }
         if allowed.is_empty() {
             metrics::counter!(m::POLICY_REFUSALS).increment(1);
+            self.counters.policy_refusals.fetch_add(1, Ordering::Relaxed);
             let details = refusal
                 .map(|r| r.details())
                 .unwrap_or("destination not allowed");
@@ -588,9 +620,9 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
             // RFC 9298 §5: never fragment; a payload the path cannot carry (EMSGSIZE) is dropped,
             // as is one the socket buffer has no room for right now.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                metrics::counter!(m::DROPS, "reason" => "udp_send_buffer_full").increment(1)
+                core.datagram_dropped("udp_send_buffer_full")
             }
-            Err(_) => metrics::counter!(m::DROPS, "reason" => "udp_send_error").increment(1),
+            Err(_) => core.datagram_dropped("udp_send_error"),
         }
     };
 
@@ -609,8 +641,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                                     forward(&data);
                                 } else {
                                     // RFC 9298 §4: unknown context IDs are dropped, not errors.
-                                    metrics::counter!(m::DROPS, "reason" => "unknown_context_id")
-                                        .increment(1);
+                                    core.datagram_dropped("unknown_context_id");
                                 }
                             }
                             // RFC 9297 §3.2: unknown capsule types are skipped.
@@ -641,9 +672,9 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
         while let Some(payload) = dg.recv().await {
             match datagram::split_context_id(&payload) {
                 Ok((UDP_PAYLOAD_CONTEXT, data)) => forward(&data),
-                Ok(_) => metrics::counter!(m::DROPS, "reason" => "unknown_context_id").increment(1),
+                Ok(_) => core.datagram_dropped("unknown_context_id"),
                 Err(_) => {
-                    metrics::counter!(m::DROPS, "reason" => "malformed_datagram").increment(1)
+                    core.datagram_dropped("malformed_datagram")
                 }
             }
         }
@@ -658,7 +689,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                 Ok(n) => n,
                 // ICMP errors on a connected socket (port unreachable) surface here; keep going.
                 Err(_) => {
-                    metrics::counter!(m::DROPS, "reason" => "udp_recv_error").increment(1);
+                    core.datagram_dropped("udp_recv_error");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -676,8 +707,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                         cfr_proto::varint::encode(UDP_PAYLOAD_CONTEXT, &mut p);
                         p.extend_from_slice(data);
                         if !out.send(Bytes::from(p)) {
-                            metrics::counter!(m::DROPS, "reason" => "quic_datagram_send")
-                                .increment(1);
+                            core.datagram_dropped("quic_datagram_send");
                         }
                         continue;
                     }
@@ -688,7 +718,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
             capsule::encode_datagram(UDP_PAYLOAD_CONTEXT, data, &mut c);
             // Never block the socket on a slow client: drop when the capsule queue is full.
             if cap_tx.try_send(Bytes::from(c)).is_err() {
-                metrics::counter!(m::DROPS, "reason" => "capsule_queue_full").increment(1);
+                core.datagram_dropped("capsule_queue_full");
             }
         }
     };
