@@ -55,3 +55,24 @@ fi
 "$venv/bin/python" -c 'import aioquic, curl_cffi; from curl_cffi.const import CurlProxyType; assert CurlProxyType.HTTPS3 == 8' \
     || { log "import check failed" >&2; exit 1; }
 log "ok: $venv/bin/python (aioquic + curl_cffi importable, CurlProxyType.HTTPS3 present)"
+
+# --- interop/quiche: BoringSSL (via the `boring` crate) needs cmake and libclang ---------------
+# Separate from the block above so it can be read (and dropped) on its own. Idempotent.
+quiche_pkgs=()
+command -v cmake >/dev/null 2>&1 || quiche_pkgs+=(cmake)
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+    quiche_pkgs+=(libclang-dev)
+fi
+if ((${#quiche_pkgs[@]})); then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "missing ${quiche_pkgs[*]} (for interop/quiche) and no apt-get; install them by hand" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    log "apt-get update (once) to install: ${quiche_pkgs[*]}"
+    timeout 600 apt-get update -qq
+    timeout 900 apt-get install -y -qq --no-install-recommends "${quiche_pkgs[@]}" >/dev/null
+    log "installed Debian packages: ${quiche_pkgs[*]}"
+else
+    log "Debian packages for interop/quiche present (cmake, libclang)"
+fi
