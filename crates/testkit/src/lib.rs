@@ -1,5 +1,6 @@
 #![forbid(unsafe_code)]
 
+pub mod netns;
 pub mod origins;
 pub mod relay;
-pub mod netns;
+pub mod tcp_client;

@@ -30,6 +30,10 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Body of `GET /` on [`HttpsOrigin`] and [`H3Origin`].
 pub const ROOT_BODY: &[u8] = b"cfr-testkit origin: hello\n";
+/// Body of `GET /page.html` on [`HttpsOrigin`] (`text/html`, for browsers, which download rather
+/// than render the octet-stream `/`); it contains [`ROOT_BODY`]'s text.
+pub const PAGE_HTML: &[u8] =
+    b"<!DOCTYPE html><html><head><title>cfr-testkit</title></head><body><p id=\"origin\">cfr-testkit origin: hello</p></body></html>\n";
 /// Largest `N` accepted by `GET /bytes/N` (the body is built in memory).
 pub const MAX_BYTES_ROUTE: u64 = 64 * 1024 * 1024;
 /// Pattern seed of `GET /bytes/N` bodies: `pattern_bytes(BYTES_ROUTE_SEED, 0, N)`.
@@ -777,6 +781,9 @@ fn route(method: &http::Method, path: &str) -> (http::StatusCode, Bytes) {
     if path == "/" {
         return (StatusCode::OK, Bytes::from_static(ROOT_BODY));
     }
+    if path == "/page.html" {
+        return (StatusCode::OK, Bytes::from_static(PAGE_HTML));
+    }
     if let Some(n) = path.strip_prefix("/bytes/") {
         return match n.parse::<u64>() {
             Ok(n) if n <= MAX_BYTES_ROUTE => (
@@ -818,6 +825,7 @@ impl HttpsOrigin {
                     async move {
                         let path = req.uri().path().to_string();
                         let (status, body) = route(req.method(), &path);
+                        let html = path.ends_with(".html");
                         log.push(SeenRequest {
                             peer,
                             version: req.version(),
@@ -827,7 +835,14 @@ impl HttpsOrigin {
                         });
                         let resp = http::Response::builder()
                             .status(status)
-                            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+                            .header(
+                                http::header::CONTENT_TYPE,
+                                if html {
+                                    "text/html; charset=utf-8"
+                                } else {
+                                    "application/octet-stream"
+                                },
+                            )
                             .body(Full::new(body))
                             .unwrap();
                         Ok::<_, std::convert::Infallible>(resp)

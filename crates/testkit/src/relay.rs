@@ -18,10 +18,13 @@ pub const ORIGIN_NAME: &str = "origin.test";
 /// A running relay owned by a test; drained and stopped on [`TestRelay::stop`] or aborted on drop.
 pub struct TestRelay {
     pub addr: SocketAddr,
+    /// The TLS/TCP fallback listener (HTTP/2, HTTP/1.1), unless the config disabled it.
+    pub tcp_addr: Option<SocketAddr>,
     pub ca_pem: PathBuf,
     pub token: String,
     pub dir: tempfile::TempDir,
     handle: RelayHandle,
+    core: Arc<cfr_relay::tunnel::Core>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -78,14 +81,18 @@ impl TestRelay {
         let ca_pem = dir.path().join("ca.pem");
         let relay = Relay::bind(cfg, resolver, &[]).await.expect("relay binds");
         let addr = relay.local_addr();
+        let tcp_addr = relay.tcp_addr();
+        let core = relay.core().clone();
         let handle = relay.handle();
         let task = tokio::spawn(relay.run());
         TestRelay {
             addr,
+            tcp_addr,
             ca_pem,
             token: TEST_TOKEN.to_owned(),
             dir,
             handle,
+            core,
             task: Some(task),
         }
     }
@@ -111,6 +118,11 @@ impl TestRelay {
         RelayClient::connect(self.client_config())
             .await
             .expect("client connects to the test relay")
+    }
+
+    /// The relay's tunnel core (in-process counters such as `requests_seen`).
+    pub fn core(&self) -> &Arc<cfr_relay::tunnel::Core> {
+        &self.core
     }
 
     pub fn handle(&self) -> RelayHandle {

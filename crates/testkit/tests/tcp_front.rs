@@ -1,0 +1,647 @@
+//! End-to-end over the TLS/TCP fallback front-end: HTTP/1.1 and HTTP/2 CONNECT and connect-udp
+//! (capsules) with the in-repo clients, Debian curl (HTTP/1.1 CONNECT), curl_cffi's libcurl
+//! (HTTP/2 CONNECT) and headless Chromium, plus the same refusals the HTTP/3 front-end gives.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use cfr_relay::config::RelayConfig;
+use cfr_testkit::origins::{pattern_bytes, HttpsOrigin, TcpEcho, UdpEcho, ROOT_BODY};
+use cfr_testkit::relay::TestRelay;
+use cfr_testkit::tcp_client::{h2_reason, Ask, Front, FrontClient, Tunnel};
+use tokio::io::AsyncReadExt;
+
+const LIMIT: Duration = Duration::from_secs(20);
+const FRONTS: [Front; 2] = [Front::H1, Front::H2];
+
+fn lo() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A test relay whose resolver also knows `localhost` (the name the HTTPS origin's certificate
+/// and the external clients use).
+async fn relay_with(adjust: impl FnOnce(&mut RelayConfig)) -> TestRelay {
+    TestRelay::start_with(|c| {
+        c.resolver
+            .hosts
+            .insert("localhost".into(), vec!["127.0.0.1".parse().unwrap()]);
+        adjust(c)
+    })
+    .await
+}
+
+fn tcp_addr(relay: &TestRelay) -> SocketAddr {
+    relay.tcp_addr.expect("the TCP front-end is on by default")
+}
+
+async fn client(relay: &TestRelay, front: Front) -> FrontClient {
+    FrontClient::connect(front, tcp_addr(relay), &relay.ca_pem)
+        .await
+        .unwrap_or_else(|e| panic!("{front:?} client connects to the relay: {e}"))
+}
+
+fn header<'a>(head: &'a http::response::Parts, name: &str) -> &'a str {
+    head.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+#[tokio::test]
+async fn tcp_listener_shares_the_quic_port_number_and_can_be_disabled() {
+    let relay = relay_with(|_| {}).await;
+    assert_eq!(
+        tcp_addr(&relay).port(),
+        relay.addr.port(),
+        "without listen_tcp the TCP listener takes the QUIC port number"
+    );
+    let off = relay_with(|c| c.tcp_enabled = false).await;
+    assert_eq!(
+        off.tcp_addr, None,
+        "tcp_enabled = false binds no TCP listener"
+    );
+}
+
+#[tokio::test]
+async fn tcp_tunnel_is_byte_exact_with_half_close_on_both_fronts() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = relay_with(|_| {}).await;
+    for front in FRONTS {
+        let c = client(&relay, front).await;
+        let before = relay.core().requests_seen(front.label());
+        let (head, tunnel) = c
+            .request(&Ask::tcp(echo.addr()), Some(&relay.token))
+            .await
+            .unwrap();
+        assert_eq!(head.status, 200, "{front:?} CONNECT");
+        assert_eq!(
+            header(&head, "alt-svc"),
+            format!("h3=\":{}\"", relay.addr.port()),
+            "{front:?}: responses advertise HTTP/3"
+        );
+        let mut tunnel = tunnel.unwrap();
+        let data = pattern_bytes(7, 0, 200_000);
+        tunnel.write(&data).await.unwrap();
+        // Our FIN reaches the destination; its echo of everything must still come back.
+        tunnel.finish().await.unwrap();
+        let back = tunnel.read_to_end(LIMIT).await.unwrap();
+        assert!(
+            back == data,
+            "{front:?}: echo of {} bytes differs ({} back)",
+            data.len(),
+            back.len()
+        );
+        assert_eq!(
+            relay.core().requests_seen(front.label()),
+            before + 1,
+            "{front:?}: the request was counted under protocol={}",
+            front.label()
+        );
+    }
+}
+
+async fn udp_echo_roundtrip(front: Front, tunnel: Tunnel, payloads: &[Vec<u8>]) {
+    let mut t = tunnel.into_capsules();
+    for p in payloads {
+        let mut got = None;
+        for _ in 0..5 {
+            t.send(p).await.unwrap();
+            if let Ok(r) = tokio::time::timeout(Duration::from_secs(2), t.recv()).await {
+                got = Some(r.unwrap());
+                break;
+            }
+        }
+        assert_eq!(
+            got.as_deref(),
+            Some(&p[..]),
+            "{front:?}: UDP echo of a {}-byte payload in DATAGRAM capsules",
+            p.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn udp_tunnel_echoes_capsules_on_both_fronts() {
+    let echo = UdpEcho::start(lo()).await;
+    let relay = relay_with(|_| {}).await;
+    for front in FRONTS {
+        let c = client(&relay, front).await;
+        let (head, tunnel) = c
+            .request(&Ask::udp(echo.addr()), Some(&relay.token))
+            .await
+            .unwrap();
+        match front {
+            // RFC 9298 §3.3: 101 + Upgrade: connect-udp.
+            Front::H1 => {
+                assert_eq!(head.status, 101);
+                assert!(header(&head, "upgrade").eq_ignore_ascii_case("connect-udp"));
+            }
+            Front::H2 => assert_eq!(head.status, 200),
+        }
+        assert_eq!(header(&head, "capsule-protocol"), "?1", "{front:?}");
+        let payloads = [b"cap".to_vec(), vec![], vec![0x5a; 1200], vec![1; 9000]];
+        udp_echo_roundtrip(front, tunnel.expect("tunnel opens"), &payloads).await;
+    }
+}
+
+#[tokio::test]
+async fn malformed_capsule_stream_aborts_the_stream_and_h2_connection_survives() {
+    let uecho = UdpEcho::start(lo()).await;
+    let echo = TcpEcho::start(lo()).await;
+    let relay = relay_with(|_| {}).await;
+    for front in FRONTS {
+        let c = client(&relay, front).await;
+        let mut t = c
+            .open(&Ask::udp(uecho.addr()), Some(&relay.token))
+            .await
+            .unwrap();
+        // A DATAGRAM capsule announcing 100 bytes, cut short by the end of the stream.
+        t.write(&[0x00, 0x40, 0x64, 0x00, 1, 2, 3]).await.unwrap();
+        t.finish().await.unwrap();
+        let res = tokio::time::timeout(LIMIT, t.read_to_end(LIMIT))
+            .await
+            .unwrap();
+        let err = res.expect_err("a truncated capsule must abort the stream, not end it cleanly");
+        if front == Front::H2 {
+            // RFC 9297 §3.3 + RFC 9113 §8.1.1: malformed message → stream error PROTOCOL_ERROR.
+            assert_eq!(h2_reason(&err), Some(h2::Reason::PROTOCOL_ERROR), "{err}");
+        }
+        // The same HTTP/2 connection (a fresh one for HTTP/1.1) carries the next tunnel.
+        let mut t = c
+            .open(&Ask::tcp(echo.addr()), Some(&relay.token))
+            .await
+            .unwrap();
+        t.write(b"after").await.unwrap();
+        t.finish().await.unwrap();
+        assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"after", "{front:?}");
+    }
+}
+
+#[tokio::test]
+async fn target_reset_aborts_the_tunnel_with_connect_error() {
+    let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        // A destination that accepts and resets, twice (one per front-end).
+        for _ in 0..2 {
+            if let Ok((s, _)) = listener.accept().await {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                drop(s);
+            }
+        }
+    });
+    let relay = relay_with(|_| {}).await;
+    for front in FRONTS {
+        let c = client(&relay, front).await;
+        let mut t = c.open(&Ask::tcp(addr), Some(&relay.token)).await.unwrap();
+        let res = tokio::time::timeout(LIMIT, t.read()).await.unwrap();
+        let err = res.expect_err("a destination reset must abort the tunnel, not end it cleanly");
+        if front == Front::H2 {
+            // RFC 9113 §8.5: RST_STREAM with CONNECT_ERROR.
+            assert_eq!(h2_reason(&err), Some(h2::Reason::CONNECT_ERROR), "{err}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn h2_stream_reset_aborts_the_destination_connection() {
+    let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        let outcome = loop {
+            match tokio::time::timeout(LIMIT, s.read(&mut buf)).await {
+                Ok(Ok(0)) => break "fin",
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break "rst",
+                Ok(Err(_)) => break "error",
+                Err(_) => break "timeout",
+            }
+        };
+        let _ = tx.send(outcome);
+    });
+    let relay = relay_with(|_| {}).await;
+    let c = client(&relay, Front::H2).await;
+    let mut t = c.open(&Ask::tcp(addr), Some(&relay.token)).await.unwrap();
+    t.write(b"partial").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let Tunnel::H2(s) = &mut t else {
+        unreachable!()
+    };
+    s.reset(h2::Reason::CANCEL);
+    let outcome = tokio::time::timeout(LIMIT, rx).await.unwrap().unwrap();
+    assert_eq!(
+        outcome, "rst",
+        "RST_STREAM from the client must abort the TCP connection with RST"
+    );
+}
+
+/// Who sends which credentials.
+#[derive(Clone, Copy, Debug)]
+enum Token {
+    Missing,
+    Wrong,
+    Valid,
+}
+
+/// One refusal both TCP front-ends must give exactly like HTTP/3.
+struct Refusal {
+    name: &'static str,
+    token: Token,
+    ask: Ask,
+    status: u16,
+    error: &'static str,
+}
+
+fn refusals(echo: SocketAddr, uecho: SocketAddr, closed: SocketAddr) -> Vec<Refusal> {
+    let r = |name, token, ask, status, error| Refusal {
+        name,
+        token,
+        ask,
+        status,
+        error,
+    };
+    vec![
+        r(
+            "no token, TCP",
+            Token::Missing,
+            Ask::tcp(echo),
+            407,
+            "http_request_denied",
+        ),
+        r(
+            "no token, UDP",
+            Token::Missing,
+            Ask::udp(uecho),
+            407,
+            "http_request_denied",
+        ),
+        r(
+            "wrong token, TCP",
+            Token::Wrong,
+            Ask::tcp(echo),
+            407,
+            "http_request_denied",
+        ),
+        r(
+            "wrong token, UDP",
+            Token::Wrong,
+            Ask::udp(uecho),
+            407,
+            "http_request_denied",
+        ),
+        r(
+            "private destination",
+            Token::Valid,
+            Ask::Connect("10.0.0.1:80".into()),
+            403,
+            "destination_ip_prohibited",
+        ),
+        r(
+            "link-local UDP destination",
+            Token::Valid,
+            Ask::ConnectUdp("/.well-known/masque/udp/169.254.169.254/53/".into()),
+            403,
+            "destination_ip_prohibited",
+        ),
+        r(
+            "malformed authority",
+            Token::Valid,
+            Ask::Connect("localhost:0".into()),
+            400,
+            "http_request_error",
+        ),
+        r(
+            "path off the URI template",
+            Token::Valid,
+            Ask::ConnectUdp("/not/the/template".into()),
+            400,
+            "http_request_error",
+        ),
+        r(
+            "closed port",
+            Token::Valid,
+            Ask::tcp(closed),
+            502,
+            "connection_refused",
+        ),
+        r(
+            "name that does not resolve",
+            Token::Valid,
+            Ask::Connect("nope.test:80".into()),
+            502,
+            "dns_error",
+        ),
+    ]
+}
+
+async fn assert_refused(c: &FrontClient, relay: &TestRelay, case: &Refusal) {
+    let token = match case.token {
+        Token::Missing => None,
+        Token::Wrong => Some("wrong"),
+        Token::Valid => Some(relay.token.as_str()),
+    };
+    let who = format!("{:?} {}", c.front, case.name);
+    let (head, tunnel) = c
+        .request(&case.ask, token)
+        .await
+        .unwrap_or_else(|e| panic!("{who}: request failed: {e}"));
+    assert!(tunnel.is_none(), "{who}: must be refused");
+    assert_eq!(head.status.as_u16(), case.status, "{who}: status");
+    let ps = header(&head, "proxy-status");
+    assert!(
+        ps.starts_with("cfr") && ps.contains(&format!("error={}", case.error)),
+        "{who}: Proxy-Status {ps:?} should name {}",
+        case.error
+    );
+    if case.status == 407 {
+        assert!(
+            header(&head, "proxy-authenticate").starts_with("Bearer"),
+            "{who}: 407 carries Proxy-Authenticate"
+        );
+    }
+    assert!(
+        !header(&head, "alt-svc").is_empty(),
+        "{who}: Alt-Svc on refusals too"
+    );
+}
+
+#[tokio::test]
+async fn refusals_match_http3_on_both_fronts() {
+    let echo = TcpEcho::start(lo()).await;
+    let uecho = UdpEcho::start(lo()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay = relay_with(|_| {}).await;
+    for front in FRONTS {
+        let c = client(&relay, front).await;
+        for case in refusals(echo.addr(), uecho.addr(), closed) {
+            assert_refused(&c, &relay, &case).await;
+        }
+        // After every refusal the connection (HTTP/2) still opens tunnels.
+        let mut t = c
+            .open(&Ask::tcp(echo.addr()), Some(&relay.token))
+            .await
+            .unwrap();
+        t.write(b"still alive").await.unwrap();
+        t.finish().await.unwrap();
+        assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"still alive");
+    }
+    assert_eq!(
+        echo.peers().len(),
+        2,
+        "unauthenticated requests never reach the destination (only the two good tunnels did)"
+    );
+    assert_eq!(
+        uecho.count(),
+        0,
+        "unauthenticated connect-udp sends nothing"
+    );
+}
+
+#[tokio::test]
+async fn h2_tunnels_per_connection_limit_is_503() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = relay_with(|c| c.limits.tunnels_per_connection = 2).await;
+    let c = client(&relay, Front::H2).await;
+    let a = c
+        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
+        .await
+        .unwrap();
+    let _b = c
+        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
+        .await
+        .unwrap();
+    let third = Refusal {
+        name: "third tunnel on one connection",
+        token: Token::Valid,
+        ask: Ask::tcp(echo.addr()),
+        status: 503,
+        error: "connection_limit_reached",
+    };
+    assert_refused(&c, &relay, &third).await;
+    // A closed tunnel frees its slot.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut t = c
+        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
+        .await
+        .unwrap();
+    t.write(b"slot freed").await.unwrap();
+    t.finish().await.unwrap();
+    assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"slot freed");
+}
+
+#[tokio::test]
+async fn drain_lets_open_tcp_tunnels_finish_and_refuses_new_connections() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = relay_with(|c| c.drain_secs = 10).await;
+    let c = client(&relay, Front::H2).await;
+    let mut t = c
+        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
+        .await
+        .unwrap();
+    relay.handle().shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        cfr_testkit::tcp_client::tls_connect(tcp_addr(&relay), &relay.ca_pem, &[b"h2"])
+            .await
+            .is_err(),
+        "a draining relay accepts no new TCP connections"
+    );
+    t.write(b"during drain").await.unwrap();
+    t.finish().await.unwrap();
+    assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"during drain");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real clients
+// ---------------------------------------------------------------------------------------------
+
+async fn run(cmd: &mut tokio::process::Command, limit: Duration) -> Output {
+    cmd.kill_on_drop(true);
+    let what = format!("{cmd:?}");
+    match tokio::time::timeout(limit, cmd.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("cannot run {what}: {e} (run interop/setup.sh to install it)"),
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
+    }
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn debian_curl_fetches_https_through_http1_connect() {
+    let curl = Path::new("/usr/bin/curl");
+    assert!(curl.exists(), "/usr/bin/curl missing: run interop/setup.sh");
+    let origin = HttpsOrigin::start(lo()).await;
+    let relay = relay_with(|_| {}).await;
+    let out = run(
+        tokio::process::Command::new(curl)
+            .args(["-sS", "--max-time", "20", "-x"])
+            .arg(format!("https://localhost:{}", tcp_addr(&relay).port()))
+            .arg("--proxy-cacert")
+            .arg(&relay.ca_pem)
+            .arg("--proxy-header")
+            .arg(format!("Proxy-Authorization: Bearer {}", relay.token))
+            .arg("--cacert")
+            .arg(origin.ca_pem_path())
+            .arg(origin.url("/")),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(out.status.success(), "curl failed: {}", describe(&out));
+    assert_eq!(out.stdout, ROOT_BODY, "origin body through the relay");
+    assert_eq!(
+        relay.core().requests_seen("http/1.1"),
+        1,
+        "curl 7.88 CONNECTs over HTTP/1.1"
+    );
+    assert_eq!(origin.requests().len(), 1);
+}
+
+fn interop_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop")
+}
+
+#[tokio::test]
+async fn libcurl_fetches_https_through_http2_connect() {
+    let dir = interop_dir();
+    let python = dir.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run interop/setup.sh (curl_cffi venv)",
+        python.display()
+    );
+    let origin = HttpsOrigin::start(lo()).await;
+    let relay = relay_with(|_| {}).await;
+    let out = run(
+        tokio::process::Command::new(&python)
+            .arg(dir.join("curl_h3_proxy.py"))
+            .args(["--proxy-type", "h2", "--mode", "tcp", "--timeout", "20"])
+            .arg("--proxy")
+            .arg(format!("localhost:{}", tcp_addr(&relay).port()))
+            .arg("--proxy-ca")
+            .arg(&relay.ca_pem)
+            .arg("--token")
+            .arg(&relay.token)
+            .arg("--ca")
+            .arg(origin.ca_pem_path())
+            .arg("--url")
+            .arg(origin.url("/"))
+            .arg("--expect-body")
+            .arg("cfr-testkit origin: hello\\n"),
+        Duration::from_secs(40),
+    )
+    .await;
+    assert!(out.status.success(), "curl_cffi failed: {}", describe(&out));
+    assert_eq!(
+        (
+            relay.core().requests_seen("h2"),
+            relay.core().requests_seen("http/1.1")
+        ),
+        (1, 0),
+        "libcurl's HTTPS2 proxy type must CONNECT over HTTP/2"
+    );
+    assert_eq!(origin.requests().len(), 1);
+}
+
+/// Adds a CA to a fresh NSS database (what Chromium on Linux trusts) under `home`.
+async fn nss_trust(home: &Path, cas: &[(&str, &Path)]) {
+    let db = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&db).unwrap();
+    let db_arg = format!("sql:{}", db.display());
+    let out = run(
+        tokio::process::Command::new("certutil").args(["-N", "--empty-password", "-d", &db_arg]),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(out.status.success(), "certutil -N: {}", describe(&out));
+    for (name, pem) in cas {
+        let out = run(
+            tokio::process::Command::new("certutil")
+                .args(["-A", "-t", "C,,", "-n", name, "-d", &db_arg, "-i"])
+                .arg(pem),
+            Duration::from_secs(20),
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "certutil -A {name}: {}",
+            describe(&out)
+        );
+    }
+}
+
+#[tokio::test]
+async fn headless_chromium_loads_a_page_through_the_relay() {
+    let chromium = Path::new("/usr/bin/chromium");
+    assert!(
+        chromium.exists(),
+        "/usr/bin/chromium missing: run interop/setup.sh"
+    );
+    let origin = HttpsOrigin::start(lo()).await;
+    // Chromium cannot send a bearer token to a proxy from its command line, so this relay is
+    // open; the destination policy still only allows loopback.
+    let relay = relay_with(|c| c.auth.insecure_open_relay = true).await;
+    let home = tempfile::tempdir().unwrap();
+    nss_trust(
+        home.path(),
+        &[
+            ("cfr relay CA", &relay.ca_pem),
+            ("cfr origin CA", origin.ca_pem_path()),
+        ],
+    )
+    .await;
+    let profile = home.path().join("profile");
+    let out = run(
+        tokio::process::Command::new(chromium)
+            .env("HOME", home.path())
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                // Loopback destinations bypass proxies by default; this test wants them proxied.
+                "--proxy-bypass-list=<-loopback>",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!(
+                "--proxy-server=https://localhost:{}",
+                tcp_addr(&relay).port()
+            ))
+            .arg("--dump-dom")
+            .arg(origin.url("/page.html")),
+        Duration::from_secs(60),
+    )
+    .await;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("cfr-testkit origin: hello"),
+        "Chromium did not render the origin page through the relay: {}",
+        describe(&out)
+    );
+    let seen = relay.core().requests_seen("h2") + relay.core().requests_seen("http/1.1");
+    assert!(seen >= 1, "the page came through the relay's TCP front-end");
+    eprintln!(
+        "chromium: {} request(s) over h2, {} over http/1.1",
+        relay.core().requests_seen("h2"),
+        relay.core().requests_seen("http/1.1")
+    );
+}
