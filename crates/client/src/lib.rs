@@ -11,7 +11,8 @@ mod client;
 mod config;
 pub mod local;
 pub mod select;
-pub mod socks5;
+/// The SOCKS5 codec lives in the sans-IO protocol crate (fuzzed there); re-exported here.
+pub use cfr_proto::socks5;
 mod tcp;
 mod udp;
 

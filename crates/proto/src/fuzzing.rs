@@ -22,6 +22,7 @@ pub const TARGETS: &[(&str, PropertyCheck)] = &[
     ("connect_udp_path", connect_udp_path),
     ("authority", authority),
     ("proxy_status", proxy_status),
+    ("socks5", crate::socks5::fuzz_socks5),
 ];
 
 /// `max_datagram_len` values the capsule target chooses from with its first input byte.

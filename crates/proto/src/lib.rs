@@ -8,6 +8,7 @@ pub mod capsule;
 pub mod datagram;
 pub mod fuzzing;
 pub mod proxy_status;
+pub mod socks5;
 pub mod target;
 pub mod varint;
 

@@ -6,7 +6,7 @@
 //! the bytes it was parsed from (checked by [`fuzz_socks5`]).
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use cfr_proto::{DecodeError, Host, Target};
+use crate::{DecodeError, Host, Target};
 
 /// SOCKS protocol version byte.
 pub const VERSION: u8 = 5;
