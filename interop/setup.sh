@@ -76,3 +76,24 @@ if ((${#quiche_pkgs[@]})); then
 else
     log "Debian packages for interop/quiche present (cmake, libclang)"
 fi
+
+# --- TCP front-end tests (crates/testkit/tests/tcp_front.rs) --------------------------------
+# Owner: TCP fallback front-end. Debian curl (HTTP/1.1 CONNECT through an HTTPS proxy), headless
+# Chromium (HTTPS proxy, h2) and certutil (NSS db Chromium trusts the dev CAs from).
+tcp_front_pkgs=()
+[[ -x /usr/bin/curl ]] || tcp_front_pkgs+=(curl)
+[[ -x /usr/bin/chromium ]] || tcp_front_pkgs+=(chromium)
+command -v certutil >/dev/null 2>&1 || tcp_front_pkgs+=(libnss3-tools)
+if ((${#tcp_front_pkgs[@]})); then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "missing ${tcp_front_pkgs[*]} (for tcp_front tests) and no apt-get; install them by hand" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    log "apt-get update (once) to install: ${tcp_front_pkgs[*]}"
+    timeout 600 apt-get update -qq
+    timeout 1200 apt-get install -y -qq --no-install-recommends "${tcp_front_pkgs[@]}" >/dev/null
+    log "installed Debian packages: ${tcp_front_pkgs[*]}"
+else
+    log "Debian packages for tcp_front tests present (curl, chromium, certutil)"
+fi
