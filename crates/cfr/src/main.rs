@@ -51,6 +51,8 @@ enum Command {
         #[command(subcommand)]
         command: EgressCommand,
     },
+    /// Benchmarks on loopback: relayed vs direct, raw QUIC and a peer proxy; setup, scale, egress.
+    Bench(cfr_bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,7 +125,13 @@ struct CertArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The bench's in-process relay would log every tunnel at info; keep its table readable.
+    let default_filter = if matches!(cli.command, Command::Bench(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_filter);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -147,6 +155,7 @@ fn main() -> ExitCode {
                         egress_prefix,
                     },
             } => egress_check(config.as_deref(), egress_prefix),
+            Command::Bench(args) => cfr_bench::main(args).await,
         }
     });
     match result {
@@ -158,9 +167,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,0 +1,268 @@
+//! `cfr bench`: what the relay costs, measured on loopback against baselines taken in the same run.
+//!
+//! Everything is started here: an in-process relay with a generated dev PKI in a temp dir, the
+//! origins, the clients, a raw quinn pair (the QUIC ceiling, same transport config as the relay),
+//! and, when installed, the peer proxy vproxy. Every row is a number or an explicit reason why
+//! there is none; ratios are to baselines measured in the same run.
+#![forbid(unsafe_code)]
+
+pub mod egress;
+pub mod env;
+pub mod front;
+pub mod peer;
+pub mod report;
+pub mod scale;
+pub mod setup;
+pub mod tcp;
+pub mod udp;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use report::{Machine, Report, Row};
+
+use env::Dir;
+
+/// `cfr bench` options.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct BenchArgs {
+    /// A few seconds in total, small sizes (a smoke test, not a measurement).
+    #[arg(long)]
+    pub quick: bool,
+    /// Bytes per TCP bulk transfer [default: 1 GiB; quick: 8 MiB].
+    #[arg(long)]
+    pub bytes: Option<u64>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/cfr-bench.json")]
+    pub json: PathBuf,
+    /// Idle-tunnel counts for the scale run, comma-separated [default: 1000,10000; quick: 200].
+    #[arg(long, value_delimiter = ',')]
+    pub idle: Option<Vec<usize>>,
+    /// UDP datagrams per echo run [default: 2 000 000, bounded by 10 s; quick: 5 000].
+    #[arg(long)]
+    pub udp_count: Option<u64>,
+    /// Datagrams in flight in the UDP echo runs.
+    #[arg(long, default_value_t = 256)]
+    pub udp_window: u64,
+    /// The vproxy binary [default: target/bench/vproxy/bin/vproxy].
+    #[arg(long)]
+    pub vproxy: Option<PathBuf>,
+    /// Do not run the peer proxy.
+    #[arg(long)]
+    pub no_peer: bool,
+    /// `cfr` binary to run the scale run's relay as a child process [default: this executable
+    /// when it is `cfr`; otherwise the relay runs in-process].
+    #[arg(long)]
+    pub relay_bin: Option<PathBuf>,
+    /// Only these sections (tcp, udp, setup, scale, egress, peer), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+}
+
+/// Sizes and bounds derived from the arguments.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub quick: bool,
+    pub bytes: u64,
+    pub idle: Vec<usize>,
+    pub udp_count: u64,
+    pub udp_window: u64,
+    pub udp_time: Duration,
+    pub setup_samples: usize,
+    pub new_conn_samples: usize,
+    pub egress_samples: usize,
+    pub setup_time: Duration,
+    pub rate_clients: usize,
+    pub rate_time: Duration,
+    pub vproxy: Option<PathBuf>,
+    pub peer: bool,
+    pub relay_bin: Option<PathBuf>,
+    pub only: Option<Vec<String>>,
+}
+
+impl Plan {
+    pub fn new(a: &BenchArgs) -> Plan {
+        let q = a.quick;
+        Plan {
+            quick: q,
+            bytes: a.bytes.unwrap_or(if q { 8 << 20 } else { 1 << 30 }),
+            idle: a
+                .idle
+                .clone()
+                .unwrap_or(if q { vec![200] } else { vec![1000, 10_000] }),
+            udp_count: a.udp_count.unwrap_or(if q { 5_000 } else { 2_000_000 }),
+            udp_window: a.udp_window.max(1),
+            udp_time: Duration::from_secs(if q { 2 } else { 10 }),
+            setup_samples: if q { 50 } else { 2000 },
+            new_conn_samples: if q { 10 } else { 200 },
+            egress_samples: if q { 100 } else { 4000 },
+            setup_time: Duration::from_secs(if q { 2 } else { 20 }),
+            rate_clients: 64,
+            rate_time: Duration::from_millis(if q { 500 } else { 5000 }),
+            vproxy: a.vproxy.clone(),
+            peer: !a.no_peer,
+            relay_bin: a.relay_bin.clone(),
+            only: a.only.clone(),
+        }
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s.eq_ignore_ascii_case(section)))
+    }
+}
+
+/// Runs every section and returns the report (ratios and targets filled in).
+pub async fn run(args: &BenchArgs) -> Report {
+    let plan = Plan::new(args);
+    let started = Instant::now();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut report = Report {
+        mode: if plan.quick { "quick" } else { "full" },
+        machine: Machine::probe(),
+        bytes: plan.bytes,
+        started_unix,
+        duration_secs: 0.0,
+        rows: Vec::new(),
+    };
+    match env::Env::start().await {
+        Ok(env) => {
+            let rows = &mut report.rows;
+            if plan.wants("tcp") {
+                tcp::run(&env, &plan, rows).await;
+            }
+            if plan.wants("udp") {
+                udp::run(&env, &plan, rows).await;
+            }
+            if plan.wants("setup") {
+                setup::run(&env, &plan, rows).await;
+            }
+            if plan.wants("egress") {
+                egress::run(&env, &plan, rows).await;
+            }
+            if plan.wants("peer") {
+                peer::run(&env, &plan, rows).await;
+            }
+            if plan.wants("scale") {
+                scale::run(&env, &plan, rows).await;
+            }
+            env.stop().await;
+        }
+        Err(e) => report.rows.push(Row::unavailable(
+            "setup",
+            "relay",
+            "",
+            format!("cannot start the relay: {e}"),
+        )),
+    }
+    derive(&mut report);
+    report.machine.load_end = report::load_average();
+    report.duration_secs = started.elapsed().as_secs_f64();
+    report
+}
+
+/// Ratios to the same-run baselines, derived rows, and the targets.
+fn derive(r: &mut Report) {
+    use tcp::name;
+    for dir in [Dir::Up, Dir::Down] {
+        for n in [1, 8] {
+            r.ratio(&name("h3 CONNECT", n, dir), &name("raw quinn", n, dir));
+            r.ratio(&name("raw quinn", n, dir), &name("direct TCP", n, dir));
+        }
+        let vproxy = peer::bulk_name("https", dir);
+        r.ratio(&name("TLS/TCP h1 CONNECT", 1, dir), &vproxy);
+        r.ratio(&name("TLS/TCP h2 CONNECT", 1, dir), &vproxy);
+        r.ratio(&peer::bulk_name("https", dir), &name("direct TCP", 1, dir));
+        r.ratio(&peer::bulk_name("http", dir), &name("direct TCP", 1, dir));
+        let h3 = name("h3 CONNECT", 1, dir);
+        r.target(&h3, "≥ 0.6× raw quinn", |row| {
+            row.ratio.map(|x| x >= 0.6)
+        });
+        for p in ["TLS/TCP h1 CONNECT", "TLS/TCP h2 CONNECT"] {
+            r.target(&name(p, 1, dir), "≥ 1.0× vproxy https", |row| {
+                row.ratio.map(|x| x >= 1.0)
+            });
+        }
+    }
+
+    // UDP: rates relative to raw quinn datagrams, loss target.
+    let rate = |p: &str| format!("{p}: datagrams/s");
+    r.ratio(&rate(udp::TUNNEL), &rate(udp::QUIC));
+    r.ratio(&rate(udp::QUIC), &rate(udp::DIRECT));
+    r.target(&rate(udp::TUNNEL), "≥ 0.4× raw quinn", |row| {
+        row.ratio.map(|x| x >= 0.4)
+    });
+    r.target(&format!("{}: loss", udp::TUNNEL), "< 1 %", |row| {
+        row.value.map(|x| x < 1.0)
+    });
+
+    // Setup: warm p99 ≤ 1 RTT + 200 µs.
+    let rtt = r.get(setup::RTT).and_then(|x| x.value);
+    for p in [50, 99] {
+        r.ratio(
+            &format!("{}: p{p}", setup::WARM),
+            &format!("{}: p{p}", setup::TCP_CONNECT),
+        );
+        r.ratio(
+            &format!("{}: p{p}", setup::NEW),
+            &format!("{}: p{p}", setup::WARM),
+        );
+    }
+    if let Some(rtt) = rtt {
+        let bound = rtt + 200.0;
+        r.target(
+            &format!("{}: p99", setup::WARM),
+            &format!("≤ 1 RTT + 200 µs = {bound:.0} µs"),
+            |row| row.value.map(|v| v <= bound),
+        );
+    }
+    r.ratio(setup::RATE, &peer::rate_name("vproxy https"));
+    r.ratio(
+        &peer::rate_name("cfr TLS/TCP h1"),
+        &peer::rate_name("vproxy https"),
+    );
+
+    // Scale: 10 000 idle tunnels within 512 MiB.
+    r.target("10000 idle TCP tunnels: relay RSS", "≤ 512 MiB", |row| {
+        row.value.map(|v| v <= 512.0)
+    });
+
+    // Egress: what a random source adds at p99.
+    for (random, kernel, label) in [
+        (egress::TCP_RANDOM, egress::TCP_KERNEL, "TCP"),
+        (egress::UDP_RANDOM, egress::UDP_KERNEL, "UDP"),
+    ] {
+        let p99 = |n: &str| r.get(&format!("{n}: p99")).and_then(|x| x.value);
+        let name = format!("{label} random source adds, p99");
+        let row = match (p99(random), p99(kernel)) {
+            (Some(a), Some(b)) => Row::new(egress::SECTION, name.clone(), a - b, "µs"),
+            _ => Row::unavailable(
+                egress::SECTION,
+                name.clone(),
+                "µs",
+                "a p99 above is missing",
+            ),
+        };
+        r.rows.push(row);
+        r.target(&name, "≤ 20 µs", |row| row.value.map(|v| v <= 20.0));
+        r.ratio(&format!("{random}: p99"), &format!("{kernel}: p99"));
+    }
+}
+
+/// What `cfr bench` does: run, print the table, write the JSON.
+pub async fn main(args: BenchArgs) -> Result<std::process::ExitCode, String> {
+    let report = run(&args).await;
+    println!("{}", report.table());
+    if let Some(dir) = args.json.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+    }
+    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    std::fs::write(&args.json, json).map_err(|e| format!("{}: {e}", args.json.display()))?;
+    eprintln!("JSON report: {}", args.json.display());
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,254 @@
+//! The peer: vproxy 2.5.5 (an HTTP/HTTPS/SOCKS5 proxy in Rust) on the same box, doing the same
+//! TCP bulk and setup-rate work through HTTP/1.1 CONNECT, in `http` mode and in `https` mode (TLS
+//! to the proxy, with the bench's dev certificate). Also the cfr relay's own TLS/TCP front-end on
+//! the setup-rate work, which is the like-for-like comparison for a TCP proxy.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::env::{self, Dir, Env};
+use crate::front;
+use crate::report::{percentile, Row};
+use crate::setup::rate;
+use crate::tcp::timed_bulk;
+use crate::Plan;
+
+pub const SECTION: &str = "peer";
+
+/// Where `cargo install vproxy --version 2.5.5 --locked --root target/bench/vproxy` puts it.
+pub const DEFAULT_VPROXY: &str = "target/bench/vproxy/bin/vproxy";
+
+pub fn bulk_name(mode: &str, dir: Dir) -> String {
+    format!("vproxy {mode} CONNECT, 1 conn, {}", dir.as_str())
+}
+
+pub fn rate_name(who: &str) -> String {
+    format!("{who} setups/s, 64 clients, new TCP conn each")
+}
+
+/// Finds the vproxy binary: `--vproxy`, else [`DEFAULT_VPROXY`] from the current directory or the
+/// workspace root.
+pub fn vproxy_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = explicit {
+        return if p.exists() {
+            Ok(p.to_owned())
+        } else {
+            Err(format!("{} does not exist", p.display()))
+        };
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for base in [PathBuf::from("."), workspace] {
+        let p = base.join(DEFAULT_VPROXY);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(format!(
+        "vproxy not installed (cargo install vproxy --version 2.5.5 --locked --root target/bench/vproxy; looked for {DEFAULT_VPROXY})"
+    ))
+}
+
+/// A vproxy child process, killed on drop.
+struct Vproxy {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+impl Vproxy {
+    async fn start(bin: &Path, https: Option<(&Path, &Path)>) -> Result<Vproxy, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.arg("run")
+            .arg("--bind")
+            .arg(addr.to_string())
+            .arg("--log")
+            .arg("error")
+            .arg("--concurrent")
+            .arg("4096");
+        match https {
+            Some((cert, key)) => {
+                cmd.arg("https")
+                    .arg("--tls-cert")
+                    .arg(cert)
+                    .arg("--tls-key")
+                    .arg(key);
+            }
+            None => {
+                cmd.arg("http");
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting vproxy: {e}"))?;
+        let mut v = Vproxy { child, addr };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(v);
+            }
+            if let Ok(Some(status)) = v.child.try_wait() {
+                return Err(format!("vproxy exited at start: {status}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        v.stop().await;
+        Err("vproxy did not listen within 5 s".into())
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
+    let origin = env::bulk_origin(&env.tasks).await;
+    let hold = env::hold_origin(&env.tasks).await;
+    let (origin, hold) = match (origin, hold) {
+        (Ok(o), Ok(h)) => (o, h),
+        (Err(e), _) | (_, Err(e)) => {
+            rows.push(Row::unavailable(
+                SECTION,
+                "vproxy",
+                "",
+                format!("origin: {e}"),
+            ));
+            return;
+        }
+    };
+    let tls = front::tls_config(&env.pki.ca_cert, &[b"http/1.1"]);
+
+    // cfr's own TLS/TCP front-end on the same setup work.
+    let name = rate_name("cfr TLS/TCP h1");
+    match (env.tcp_front, &tls) {
+        (Some(front), Ok(tls)) => {
+            let r = tcp_rate(plan, front, hold, Some(tls.clone()), Some(env::TOKEN)).await;
+            rows.push(rate_row(name, r));
+        }
+        (None, _) => rows.push(Row::unavailable(
+            SECTION,
+            name,
+            "setups/s",
+            "the relay has no TLS/TCP front-end",
+        )),
+        (_, Err(e)) => rows.push(Row::unavailable(SECTION, name, "setups/s", e.clone())),
+    }
+
+    let bin = if plan.peer {
+        vproxy_binary(plan.vproxy.as_deref())
+    } else {
+        Err("skipped (--no-peer)".into())
+    };
+    for mode in ["https", "http"] {
+        let https = mode == "https";
+        let started = match &bin {
+            Ok(b) => {
+                let certs =
+                    https.then_some((env.pki.server_cert.as_path(), env.pki.server_key.as_path()));
+                Vproxy::start(b, certs).await
+            }
+            Err(e) => Err(e.clone()),
+        };
+        let mut vp = match started {
+            Ok(v) => v,
+            Err(e) => {
+                for dir in [Dir::Up, Dir::Down] {
+                    rows.push(Row::unavailable(
+                        SECTION,
+                        bulk_name(mode, dir),
+                        "Gbit/s",
+                        e.clone(),
+                    ));
+                }
+                rows.push(Row::unavailable(
+                    SECTION,
+                    rate_name(&format!("vproxy {mode}")),
+                    "setups/s",
+                    e,
+                ));
+                continue;
+            }
+        };
+        let tls = if https { tls.clone().ok() } else { None };
+        for dir in [Dir::Up, Dir::Down] {
+            let proxy = vp.addr;
+            let r = match &tls {
+                Some(tls) => {
+                    timed_bulk(1, plan.bytes, dir, || {
+                        let tls = tls.clone();
+                        async move {
+                            let mut s = front::tls_connect(proxy, tls).await?;
+                            front::h1_connect(&mut s, origin, None).await?;
+                            Ok(s)
+                        }
+                    })
+                    .await
+                }
+                None => {
+                    timed_bulk(1, plan.bytes, dir, || async move {
+                        let mut s = env::direct_tcp(proxy).await?;
+                        front::h1_connect(&mut s, origin, None).await?;
+                        Ok(s)
+                    })
+                    .await
+                }
+            };
+            rows.push(Row::from_result(SECTION, bulk_name(mode, dir), "Gbit/s", r));
+        }
+        let r = tcp_rate(plan, vp.addr, hold, tls, None).await;
+        rows.push(rate_row(rate_name(&format!("vproxy {mode}")), r));
+        vp.stop().await;
+    }
+}
+
+fn rate_row(name: String, r: Result<(f64, Vec<f64>), String>) -> Row {
+    match r {
+        Ok((rate, mut lat)) => {
+            let p99 = percentile(&mut lat, 99.0).unwrap_or(f64::NAN);
+            Row::new(SECTION, name, rate, "setups/s").note(format!("p99 {p99:.0} µs"))
+        }
+        Err(e) => Row::unavailable(SECTION, name, "setups/s", e),
+    }
+}
+
+/// 64 workers, each looping: new TCP connection (+ TLS), CONNECT, 200, close.
+async fn tcp_rate(
+    plan: &Plan,
+    proxy: SocketAddr,
+    origin: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    token: Option<&'static str>,
+) -> Result<(f64, Vec<f64>), String> {
+    rate(plan.rate_clients, plan.rate_time, move |_| {
+        let tls = tls.clone();
+        async move {
+            match tls {
+                Some(tls) => {
+                    let mut s = front::tls_connect(proxy, tls)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    front::h1_connect(&mut s, origin, token)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                None => {
+                    let mut s = env::direct_tcp(proxy).await.map_err(|e| e.to_string())?;
+                    front::h1_connect(&mut s, origin, token)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        }
+    })
+    .await
+}
