@@ -322,6 +322,23 @@ pub fn parse_token_hash(hex_hash: &str) -> Result<[u8; 32], String> {
         .map_err(|_| "token hash must be 32 bytes (64 hex digits) of SHA-256".to_string())
 }
 
+/// Fuzz property for the config loader (used by `fuzz/fuzz_targets/config_loader.rs` and the
+/// corpus replay test): loading arbitrary bytes never panics, and a config that loads renders to
+/// TOML that loads back to the same config.
+pub fn fuzz_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(cfg) = RelayConfig::from_toml(text) else {
+        return;
+    };
+    let rendered = cfg.to_toml();
+    let again = RelayConfig::from_toml(&rendered).unwrap_or_else(|e| {
+        panic!("a valid config must re-load from its rendering: {e}\n{rendered}")
+    });
+    assert_eq!(cfg, again, "config must survive a TOML round trip");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,16 +386,4 @@ mod tests {
         let r = parse_port_ranges(&["443".into(), "8000-8999".into()]).unwrap();
         assert_eq!(r, vec![443..=443, 8000..=8999]);
     }
-}
-
-/// Fuzz property for the config loader (used by `fuzz/fuzz_targets/config_loader.rs` and the
-/// corpus replay test): loading arbitrary bytes never panics, and a config that loads renders to
-/// TOML that loads back to the same config.
-pub fn fuzz_config(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(cfg) = RelayConfig::from_toml(text) else { return };
-    let rendered = cfg.to_toml();
-    let again = RelayConfig::from_toml(&rendered)
-        .unwrap_or_else(|e| panic!("a valid config must re-load from its rendering: {e}\n{rendered}"));
-    assert_eq!(cfg, again, "config must survive a TOML round trip");
 }

@@ -160,6 +160,9 @@ impl Relay {
         // Cancelled when the grace period is over: TCP connections and tunnels still open are
         // dropped (QUIC ones end with the endpoint's close).
         let closed = CancellationToken::new();
+        let front_ctx = tcp
+            .as_ref()
+            .map(|(_, front)| front.context(&core, &shutdown, &closed, &tasks));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -174,7 +177,8 @@ impl Relay {
                             match clients.admit(peer.ip(), limits.connections_per_client, limits.total_connections) {
                                 Some(slot) => {
                                     let front = &tcp.as_ref().expect("guarded").1;
-                                    front.accept(&core, stream, peer, slot, &shutdown, &closed, &tasks);
+                                    let ctx = front_ctx.as_ref().expect("guarded");
+                                    front.accept(ctx, stream, peer, slot);
                                 }
                                 None => {
                                     metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);

@@ -60,27 +60,35 @@ impl TcpFront {
         })
     }
 
-    /// Serves one accepted TCP connection in a tracked task; `slot` holds its place in the
-    /// per-client connection table until the connection ends.
-    pub(crate) fn accept(
+    /// What the connection tasks of one `Relay::run` share.
+    pub(crate) fn context(
         &self,
         core: &Arc<Core>,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        slot: ClientSlot,
         shutdown: &CancellationToken,
         closed: &CancellationToken,
         tasks: &TaskTracker,
-    ) {
-        let ctx = FrontCtx {
+    ) -> FrontCtx {
+        FrontCtx {
             core: core.clone(),
             shutdown: shutdown.clone(),
             closed: closed.clone(),
             tasks: tasks.clone(),
             alt_svc: self.alt_svc.clone(),
-        };
+        }
+    }
+
+    /// Serves one accepted TCP connection in a tracked task; `slot` holds its place in the
+    /// per-client connection table until the connection ends.
+    pub(crate) fn accept(
+        &self,
+        ctx: &FrontCtx,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        slot: ClientSlot,
+    ) {
+        let ctx = ctx.clone();
         let acceptor = self.acceptor.clone();
-        tasks.spawn(async move {
+        ctx.tasks.clone().spawn(async move {
             let _slot = slot;
             let closed = ctx.closed.clone();
             tokio::select! {
