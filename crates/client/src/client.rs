@@ -123,7 +123,7 @@ impl Conn {
             SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
         });
-        let quic_cfg = quinn_client_config(&cfg.trust)?;
+        let quic_cfg = quinn_client_config(&cfg.trust, cfg.client_cert.as_ref())?;
         let server_name = url.server_name()?.to_str().into_owned();
         let mut endpoint = quinn::Endpoint::client(bind)?;
         endpoint.set_default_client_config(quic_cfg);

@@ -47,6 +47,9 @@ pub struct ClientConfig {
     pub datagrams: DatagramMode,
     /// Local UDP bind address; default: unspecified address of the relay's family, any port.
     pub local_bind: Option<SocketAddr>,
+    /// Client certificate for mTLS: (PEM certificate chain, PEM private key) — e.g. from
+    /// `cfr cert --client NAME`. Presented when the relay asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl ClientConfig {
@@ -59,6 +62,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             datagrams: DatagramMode::Auto,
             local_bind: None,
+            client_cert: None,
         }
     }
 }
@@ -151,6 +155,55 @@ fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, ClientError> {
 
 /// Builds the rustls client config (TLS 1.3 only — QUIC requires it, RFC 9001 §4.2).
 pub(crate) fn rustls_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
+    rustls_config_with_cert(trust, None)
+}
+
+/// A client certificate chain and its private key.
+type ClientCertKey = (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// Reads a client certificate chain and its key (PEM files).
+fn load_client_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<ClientCertKey, ClientError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ClientError::Tls(format!("reading {}: {e}", p.display())))
+    };
+    let chain = rustls_pemfile::certs(&mut &read(cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Tls(format!("{}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(ClientError::Tls(format!(
+            "{}: no PEM certificate found",
+            cert.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
+        .map_err(|e| ClientError::Tls(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| ClientError::Tls(format!("{}: no PEM private key found", key.display())))?;
+    Ok((chain, key))
+}
+
+/// [`rustls_config`] plus an optional client certificate (cert PEM, key PEM) for mTLS.
+pub(crate) fn rustls_config_with_cert(
+    trust: &Trust,
+    client_cert: Option<&(PathBuf, PathBuf)>,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let client_auth = client_cert
+        .map(|(c, k)| load_client_cert(c, k))
+        .transpose()?;
+    let finish =
+        move |b: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>| {
+            match client_auth {
+                Some((chain, key)) => b
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| ClientError::Tls(format!("client certificate: {e}"))),
+                None => Ok(b.with_no_client_auth()),
+            }
+        };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Tls(e.to_string()))?;
@@ -165,25 +218,20 @@ pub(crate) fn rustls_config(trust: &Trust) -> Result<rustls::ClientConfig, Clien
             if roots.is_empty() {
                 return Err(ClientError::Tls("no usable system CA certificates".into()));
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            finish(builder.with_root_certificates(roots))?
         }
         Trust::CaFile(path) => {
             let pem = std::fs::read(path)
                 .map_err(|e| ClientError::Tls(format!("reading {}: {e}", path.display())))?;
-            builder
-                .with_root_certificates(roots_from_pem(&pem)?)
-                .with_no_client_auth()
+            finish(builder.with_root_certificates(roots_from_pem(&pem)?))?
         }
-        Trust::CaPem(pem) => builder
-            .with_root_certificates(roots_from_pem(pem)?)
-            .with_no_client_auth(),
-        Trust::PinnedCertDer(der) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+        Trust::CaPem(pem) => finish(builder.with_root_certificates(roots_from_pem(pem)?))?,
+        Trust::PinnedCertDer(der) => finish(builder.dangerous().with_custom_certificate_verifier(
+            Arc::new(PinnedCert {
                 der: der.clone(),
                 provider: provider(),
-            }))
-            .with_no_client_auth(),
+            }),
+        ))?,
     };
     // RFC 9114 §3.1: the ALPN token for HTTP/3 is "h3".
     cfg.alpn_protocols = vec![b"h3".to_vec()];
@@ -210,8 +258,11 @@ pub(crate) fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-pub(crate) fn quinn_client_config(trust: &Trust) -> Result<quinn::ClientConfig, ClientError> {
-    let tls = rustls_config(trust)?;
+pub(crate) fn quinn_client_config(
+    trust: &Trust,
+    client_cert: Option<&(PathBuf, PathBuf)>,
+) -> Result<quinn::ClientConfig, ClientError> {
+    let tls = rustls_config_with_cert(trust, client_cert)?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
