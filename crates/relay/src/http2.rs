@@ -59,8 +59,22 @@ pub(crate) async fn serve_connection<IO>(
         }
     };
     let mut draining = false;
+    // Like the QUIC idle timeout: a connection with no tunnel for `connection_idle_secs` gets a
+    // GOAWAY, so idle connections do not hold their client-table slot forever.
+    let idle = Duration::from_secs(ctx.core.config.timeouts.connection_idle_secs);
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut idle_since = tokio::time::Instant::now();
+    let mut idle_check = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     loop {
         tokio::select! {
+            _ = idle_check.tick(), if !draining => {
+                if open.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                    idle_since = tokio::time::Instant::now();
+                } else if idle_since.elapsed() >= idle {
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
+            }
             _ = ctx.shutdown.cancelled(), if !draining => {
                 draining = true;
                 // RFC 9113 §6.8: GOAWAY; streams already accepted run to completion. The
@@ -71,7 +85,10 @@ pub(crate) async fn serve_connection<IO>(
                 Some(Ok((req, respond))) => {
                     let ctx2 = ctx.clone();
                     let client = client.clone();
+                    let open = OpenStream::new(&open);
+                    idle_since = tokio::time::Instant::now();
                     ctx.tasks.spawn(async move {
+                        let _open = open;
                         let (head, body) = req.into_parts();
                         let protocol = head
                             .extensions
@@ -95,6 +112,22 @@ pub(crate) async fn serve_connection<IO>(
                 None => break,
             }
         }
+    }
+}
+
+/// Counts a request stream as open while it lives (idle-connection tracking).
+struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenStream {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

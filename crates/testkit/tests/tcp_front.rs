@@ -645,3 +645,26 @@ async fn headless_chromium_loads_a_page_through_the_relay() {
         relay.core().requests_seen("http/1.1")
     );
 }
+
+#[tokio::test]
+async fn idle_h2_connection_is_closed_after_connection_idle_secs() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = relay_with(|c| c.timeouts.connection_idle_secs = 1).await;
+    let c = client(&relay, Front::H2).await;
+    // A tunnel that lasts longer than the idle timeout keeps the connection open.
+    let mut t = c
+        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    t.write(b"busy").await.unwrap();
+    t.finish().await.unwrap();
+    assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"busy");
+    // Then nothing for longer than the timeout: GOAWAY, no new streams.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let res = c.request(&Ask::tcp(echo.addr()), Some(&relay.token)).await;
+    assert!(
+        res.is_err(),
+        "an idle HTTP/2 connection must be closed after connection_idle_secs"
+    );
+}
