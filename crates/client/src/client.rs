@@ -98,6 +98,11 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    /// Stops using this connection for new tunnels; tunnels already on it are unaffected.
+    fn retire(&self) {
+        self.dead.store(true, Ordering::Release);
+    }
+
     fn is_alive(&self) -> bool {
         !self.dead.load(Ordering::Acquire) && self.quic.close_reason().is_none()
     }
@@ -270,6 +275,10 @@ fn map_quinn_error(e: quinn::ConnectionError) -> ClientError {
 pub(crate) fn stream_error(e: h3::error::StreamError) -> ClientError {
     match e {
         h3::error::StreamError::ConnectionError(c) => ClientError::Connect(c.to_string()),
+        // GOAWAY received: the relay is draining and takes no new requests on this connection.
+        h3::error::StreamError::RemoteClosing => {
+            ClientError::Connect("relay is going away (GOAWAY)".into())
+        }
         other => ClientError::H3(other.to_string()),
     }
 }
@@ -434,8 +443,14 @@ impl RelayClient {
             let req = build(&conn)?;
             match conn.request(req, self.inner.cfg.connect_timeout).await {
                 Ok((stream, resp)) => return Ok((conn, stream, resp)),
-                Err(OpenError::BeforeSend(e)) if !retried && !conn.is_alive() => {
-                    tracing::debug!(error = %e, "relay connection died; reconnecting");
+                // A request that could not even be sent means the connection takes no new
+                // requests (closed, or the relay sent GOAWAY while draining, RFC 9114 §5.2).
+                // Retire it — its open tunnels keep running — and retry once on a fresh one.
+                Err(OpenError::BeforeSend(e))
+                    if !retried && (!conn.is_alive() || matches!(e, ClientError::Connect(_))) =>
+                {
+                    tracing::debug!(error = %e, "relay connection takes no new requests; reconnecting");
+                    conn.retire();
                     retried = true;
                 }
                 Err(OpenError::BeforeSend(e) | OpenError::AfterSend(e)) => return Err(e),
@@ -459,7 +474,7 @@ impl RelayClient {
     /// CONNECT where RFC 9114 §4.4 says they are omitted; cfr's relay ignores them.
     pub async fn connect_tcp(&self, target: &Target) -> Result<TcpTunnel, ClientError> {
         let authority = cfr_proto::target::authority(target);
-        let (_conn, stream, resp) = self
+        let (conn, stream, resp) = self
             .open(|_| {
                 // RFC 9114 §4.4: ":authority contains the host and port to connect to".
                 let mut req = http::Request::builder()
@@ -479,7 +494,7 @@ impl RelayClient {
             })
             .await?;
         check_status(&resp)?;
-        Ok(TcpTunnel::new(stream, resp))
+        Ok(TcpTunnel::new(stream, resp, conn))
     }
 
     /// Opens a UDP tunnel with CONNECT-UDP (RFC 9298 §3) and waits for the 2xx.

@@ -24,6 +24,36 @@ pub enum Trust {
     PinnedCertDer(Vec<u8>),
 }
 
+impl Trust {
+    /// [`Trust::PinnedCertDer`] from a file holding the relay's certificate, PEM (the first
+    /// certificate in the file: the end-entity one of a chain) or DER.
+    pub fn pinned_from_file(path: &std::path::Path) -> Result<Trust, ClientError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| ClientError::Tls(format!("reading {}: {e}", path.display())))?;
+        if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+            let mut reader = bytes.as_slice();
+            let cert = rustls_pemfile::certs(&mut reader)
+                .next()
+                .ok_or_else(|| {
+                    ClientError::Tls(format!(
+                        "{}: no CERTIFICATE in the PEM file",
+                        path.display()
+                    ))
+                })?
+                .map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
+            return Ok(Trust::PinnedCertDer(cert.to_vec()));
+        }
+        // DER: an X.509 certificate is an ASN.1 SEQUENCE (tag 0x30).
+        if bytes.first() != Some(&0x30) {
+            return Err(ClientError::Tls(format!(
+                "{}: neither a PEM nor a DER certificate",
+                path.display()
+            )));
+        }
+        Ok(Trust::PinnedCertDer(bytes))
+    }
+}
+
 /// How UDP payloads travel to the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DatagramMode {
@@ -64,6 +94,24 @@ impl ClientConfig {
             local_bind: None,
             client_cert: None,
         }
+    }
+
+    /// Checks everything that can be checked without the network: the relay URL, the trust
+    /// anchors and client certificate (files readable, certificates parseable) and the token's
+    /// header syntax.
+    pub fn validate(&self) -> Result<(), ClientError> {
+        let url = RelayUrl::parse(&self.relay)?;
+        url.server_name()?;
+        rustls_config_with_cert(&self.trust, self.client_cert.as_ref())?;
+        if let Some(token) = &self.token {
+            if token.is_empty() {
+                return Err(ClientError::InvalidUrl("empty token".into()));
+            }
+            http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                ClientError::InvalidUrl("token contains characters not allowed in a header".into())
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -153,7 +201,9 @@ fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, ClientError> {
     Ok(roots)
 }
 
-/// Builds the rustls client config (TLS 1.3 only — QUIC requires it, RFC 9001 §4.2).
+/// Builds the rustls client config (TLS 1.3 only — QUIC requires it, RFC 9001 §4.2), without a
+/// client certificate.
+#[cfg(test)]
 pub(crate) fn rustls_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
     rustls_config_with_cert(trust, None)
 }
@@ -374,6 +424,26 @@ mod tests {
                 "{bad} must be rejected"
             );
         }
+    }
+
+    #[test]
+    fn pinned_cert_loads_from_pem_or_der_and_rejects_other_files() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("cfr-pin-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (pem, der, junk) = (dir.join("c.pem"), dir.join("c.der"), dir.join("junk"));
+        std::fs::write(&pem, cert.cert.pem()).unwrap();
+        std::fs::write(&der, cert.cert.der()).unwrap();
+        std::fs::write(&junk, "hello").unwrap();
+        for path in [&pem, &der] {
+            match Trust::pinned_from_file(path).unwrap() {
+                Trust::PinnedCertDer(d) => assert_eq!(d, cert.cert.der().to_vec()),
+                other => panic!("expected a pin, got {other:?}"),
+            }
+        }
+        assert!(Trust::pinned_from_file(&junk).is_err());
+        assert!(Trust::pinned_from_file(&dir.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

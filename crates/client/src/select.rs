@@ -5,10 +5,13 @@
 //!   handshake, refreshed from QUIC's RTT estimate every [`PROBE_INTERVAL`]).
 //! - [`Policy::Ordered`]: the first usable relay in configuration order (failover).
 //!
-//! A relay whose connection fails is marked down and skipped until its back-off (1 s doubling to
-//! [`MAX_BACKOFF`]) expires. A new tunnel tries the next relay as soon as one fails, so it fails
-//! over within about one handshake timeout; an open tunnel never moves (it lives on one QUIC
-//! connection).
+//! A relay whose connection fails is marked down and no new tunnel is sent to it while another
+//! relay is usable. A background health task retries it in the background once its back-off
+//! (1 s doubling to [`MAX_BACKOFF`]) expires, and marks it usable again only when a handshake
+//! succeeds, so no tunnel ever waits for a dead relay's handshake timeout while another relay
+//! works. A new tunnel tries the next relay as soon as one fails, so it fails over within about
+//! one handshake timeout; an open tunnel never moves (it lives on one QUIC connection). When every
+//! relay is down, new tunnels still try them all (earliest retry first) rather than fail at once.
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -21,6 +24,8 @@ use crate::{ClientConfig, ClientError, RelayClient, TcpTunnel, TunnelOpener, Udp
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often the health task looks for down relays whose back-off expired.
+const HEALTH_TICK: Duration = Duration::from_millis(250);
 
 /// How a relay is chosen for each new tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,9 +50,21 @@ impl std::str::FromStr for Policy {
     }
 }
 
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::Random => "random",
+            Policy::LowestRtt => "lowest-rtt",
+            Policy::Ordered => "ordered",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct Health {
-    down_until: Option<Instant>,
+    down: bool,
+    /// When the health task may try a down relay again.
+    retry_at: Option<Instant>,
     backoff: Duration,
     rtt: Option<Duration>,
 }
@@ -59,24 +76,42 @@ struct Relay {
 }
 
 impl Relay {
-    fn is_up(&self, now: Instant) -> bool {
-        self.health
-            .lock()
-            .unwrap()
-            .down_until
-            .is_none_or(|t| t <= now)
+    fn new(cfg: ClientConfig) -> Relay {
+        Relay {
+            cfg,
+            client: tokio::sync::Mutex::new(None),
+            health: Mutex::new(Health::default()),
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        !self.health.lock().unwrap().down
+    }
+
+    fn retry_due(&self, now: Instant) -> bool {
+        let h = self.health.lock().unwrap();
+        h.down && h.retry_at.is_none_or(|t| t <= now)
     }
 
     fn mark_down(&self, why: &ClientError) {
         let mut h = self.health.lock().unwrap();
         h.backoff = (h.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
-        h.down_until = Some(Instant::now() + h.backoff);
-        tracing::info!(relay = %self.cfg.relay, error = %why, backoff = ?h.backoff, "relay marked down");
+        h.retry_at = Some(Instant::now() + h.backoff);
+        if !h.down {
+            tracing::warn!(relay = %self.cfg.relay, error = %why, "relay unusable; new tunnels go elsewhere until it answers again");
+        } else {
+            tracing::debug!(relay = %self.cfg.relay, error = %why, backoff = ?h.backoff, "relay still down");
+        }
+        h.down = true;
     }
 
     fn mark_up(&self, rtt: Option<Duration>) {
         let mut h = self.health.lock().unwrap();
-        h.down_until = None;
+        if h.down {
+            tracing::info!(relay = %self.cfg.relay, "relay usable again");
+        }
+        h.down = false;
+        h.retry_at = None;
         h.backoff = Duration::ZERO;
         if rtt.is_some() {
             h.rtt = rtt;
@@ -95,6 +130,19 @@ impl Relay {
         *slot = Some(c.clone());
         Ok(c)
     }
+
+    /// A live connection (re-established if needed) and its RTT; marks the relay up or down.
+    async fn probe(&self) -> Result<Duration, ClientError> {
+        let result = match self.client().await {
+            Ok(c) => c.rtt_probe().await,
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(rtt) => self.mark_up(Some(*rtt)),
+            Err(e) => self.mark_down(e),
+        }
+        result
+    }
 }
 
 /// The state of one relay, for status displays.
@@ -108,12 +156,12 @@ pub struct RelayStatus {
 struct SetInner {
     relays: Vec<Relay>,
     policy: Policy,
-    prober: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    health_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for SetInner {
     fn drop(&mut self) {
-        if let Some(t) = self.prober.lock().unwrap().take() {
+        if let Some(t) = self.health_task.lock().unwrap().take() {
             t.abort();
         }
     }
@@ -126,48 +174,60 @@ pub struct RelaySet {
 }
 
 impl RelaySet {
-    /// Connects to all relays in parallel (each within its own `connect_timeout`). Relays that
-    /// fail are marked down; fails only if no relay is reachable or `configs` is empty.
-    pub async fn connect(
-        configs: Vec<ClientConfig>,
-        policy: Policy,
-    ) -> Result<RelaySet, ClientError> {
+    /// A set that connects lazily: every config is checked now (URL, trust anchors, token), no
+    /// relay is contacted. Call [`RelaySet::warm_up`] to connect ahead of the first tunnel.
+    /// Starts the background health task, so it must run inside a Tokio runtime.
+    pub fn new(configs: Vec<ClientConfig>, policy: Policy) -> Result<RelaySet, ClientError> {
         if configs.is_empty() {
             return Err(ClientError::NoRelay("no relay configured".into()));
         }
         for c in &configs {
-            crate::RelayUrl::parse(&c.relay)?;
+            c.validate()?;
         }
         let set = RelaySet {
             inner: Arc::new(SetInner {
-                relays: configs
-                    .into_iter()
-                    .map(|cfg| Relay {
-                        cfg,
-                        client: tokio::sync::Mutex::new(None),
-                        health: Mutex::new(Health::default()),
-                    })
-                    .collect(),
+                relays: configs.into_iter().map(Relay::new).collect(),
                 policy,
-                prober: Mutex::new(None),
+                health_task: Mutex::new(None),
             }),
         };
-        let results = futures_util::future::join_all(set.inner.relays.iter().map(|r| async move {
-            match r.client().await {
-                Ok(_) => true,
-                Err(e) => {
-                    r.mark_down(&e);
-                    false
-                }
-            }
-        }))
-        .await;
-        if !results.iter().any(|ok| *ok) {
-            return Err(ClientError::NoRelay("no relay reachable".into()));
-        }
-        if policy == Policy::LowestRtt {
-            let weak = Arc::downgrade(&set.inner);
-            *set.inner.prober.lock().unwrap() = Some(tokio::spawn(probe_loop(weak)));
+        let weak = Arc::downgrade(&set.inner);
+        *set.inner.health_task.lock().unwrap() = Some(tokio::spawn(health_loop(weak)));
+        Ok(set)
+    }
+
+    /// Connects to every relay in parallel (each within its own `connect_timeout`) and returns
+    /// each relay's outcome in configuration order. Relays that fail are marked down and retried
+    /// in the background.
+    pub async fn warm_up(&self) -> Vec<(String, Result<Duration, ClientError>)> {
+        futures_util::future::join_all(
+            self.inner
+                .relays
+                .iter()
+                .map(|r| async move { (r.cfg.relay.clone(), r.probe().await) }),
+        )
+        .await
+    }
+
+    /// [`RelaySet::new`] + [`RelaySet::warm_up`]; fails if no relay is reachable.
+    pub async fn connect(
+        configs: Vec<ClientConfig>,
+        policy: Policy,
+    ) -> Result<RelaySet, ClientError> {
+        let set = RelaySet::new(configs, policy)?;
+        let results = set.warm_up().await;
+        if !results.iter().any(|(_, r)| r.is_ok()) {
+            let why = results
+                .into_iter()
+                .map(|(relay, r)| {
+                    format!(
+                        "{relay}: {}",
+                        r.err().map(|e| e.to_string()).unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ClientError::NoRelay(format!("no relay reachable ({why})")));
         }
         Ok(set)
     }
@@ -177,24 +237,22 @@ impl RelaySet {
     }
 
     pub fn status(&self) -> Vec<RelayStatus> {
-        let now = Instant::now();
         self.inner
             .relays
             .iter()
             .map(|r| RelayStatus {
                 relay: r.cfg.relay.clone(),
-                up: r.is_up(now),
+                up: r.is_up(),
                 rtt: r.health.lock().unwrap().rtt,
             })
             .collect()
     }
 
-    /// Candidate relays for a new tunnel, best first: usable ones in policy order, then the
-    /// ones marked down by earliest retry time (a last resort when all are down).
+    /// Candidate relays for a new tunnel, best first: usable ones in policy order; only when none
+    /// is usable, the down ones by earliest retry time (a last resort).
     fn candidates(&self) -> Vec<&Relay> {
-        let now = Instant::now();
         let (mut up, mut down): (Vec<&Relay>, Vec<&Relay>) =
-            self.inner.relays.iter().partition(|r| r.is_up(now));
+            self.inner.relays.iter().partition(|r| r.is_up());
         match self.inner.policy {
             Policy::Random => up.shuffle(&mut rand::thread_rng()),
             Policy::LowestRtt => {
@@ -202,9 +260,9 @@ impl RelaySet {
             }
             Policy::Ordered => {}
         }
-        down.sort_by_key(|r| r.health.lock().unwrap().down_until);
         if up.is_empty() {
-            up.extend(down);
+            down.sort_by_key(|r| r.health.lock().unwrap().retry_at);
+            return down;
         }
         up
     }
@@ -268,25 +326,27 @@ impl TunnelOpener for RelaySet {
     }
 }
 
-/// Refreshes RTTs of usable relays and retries down relays whose back-off expired.
-async fn probe_loop(set: Weak<SetInner>) {
+/// Retries down relays whose back-off expired and, for [`Policy::LowestRtt`], refreshes the RTT
+/// of usable relays every [`PROBE_INTERVAL`]. Ends when the set is dropped.
+async fn health_loop(set: Weak<SetInner>) {
+    let mut last_rtt_refresh = Instant::now();
     loop {
-        tokio::time::sleep(PROBE_INTERVAL).await;
+        tokio::time::sleep(HEALTH_TICK).await;
         let Some(set) = set.upgrade() else { return };
         let now = Instant::now();
-        for r in &set.relays {
-            if !r.is_up(now) {
-                continue;
-            }
-            let result = match r.client().await {
-                Ok(c) => c.rtt_probe().await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(rtt) => r.mark_up(Some(rtt)),
-                Err(e) => r.mark_down(&e),
-            }
+        let refresh_rtt = set.policy == Policy::LowestRtt
+            && now.duration_since(last_rtt_refresh) >= PROBE_INTERVAL;
+        if refresh_rtt {
+            last_rtt_refresh = now;
         }
+        let due = set
+            .relays
+            .iter()
+            .filter(|r| r.retry_due(now) || (refresh_rtt && r.is_up()));
+        futures_util::future::join_all(due.map(|r| async move {
+            let _ = r.probe().await;
+        }))
+        .await;
     }
 }
 
@@ -300,24 +360,43 @@ mod tests {
         assert_eq!("lowest-rtt".parse(), Ok(Policy::LowestRtt));
         assert_eq!("ordered".parse(), Ok(Policy::Ordered));
         assert!("fastest".parse::<Policy>().is_err());
-    }
-
-    fn relay(url: &str) -> Relay {
-        Relay {
-            cfg: ClientConfig::new(url, crate::Trust::System),
-            client: tokio::sync::Mutex::new(None),
-            health: Mutex::new(Health::default()),
+        for p in [Policy::Random, Policy::LowestRtt, Policy::Ordered] {
+            assert_eq!(p.to_string().parse(), Ok(p));
         }
     }
 
+    fn relay(url: &str) -> Relay {
+        Relay::new(ClientConfig::new(url, crate::Trust::System))
+    }
+
+    fn set_of(policy: Policy, urls: &[&str]) -> RelaySet {
+        RelaySet {
+            inner: Arc::new(SetInner {
+                relays: urls.iter().map(|u| relay(u)).collect(),
+                policy,
+                health_task: Mutex::new(None),
+            }),
+        }
+    }
+
+    fn names(set: &RelaySet) -> Vec<String> {
+        set.candidates()
+            .iter()
+            .map(|r| r.cfg.relay.clone())
+            .collect()
+    }
+
     #[test]
-    fn down_relay_backs_off_exponentially_and_recovers() {
+    fn down_relay_backs_off_exponentially_and_stays_down_until_it_answers() {
         let r = relay("https://a");
-        let now = Instant::now();
-        assert!(r.is_up(now));
+        assert!(r.is_up());
         r.mark_down(&ClientError::Timeout);
         assert_eq!(r.health.lock().unwrap().backoff, MIN_BACKOFF);
-        assert!(!r.is_up(Instant::now()));
+        assert!(!r.is_up());
+        assert!(!r.retry_due(Instant::now()));
+        assert!(r.retry_due(Instant::now() + MIN_BACKOFF));
+        // An expired back-off only makes it due for a background retry, not usable.
+        assert!(!r.is_up());
         r.mark_down(&ClientError::Timeout);
         assert_eq!(r.health.lock().unwrap().backoff, 2 * MIN_BACKOFF);
         for _ in 0..20 {
@@ -325,44 +404,41 @@ mod tests {
         }
         assert_eq!(r.health.lock().unwrap().backoff, MAX_BACKOFF);
         r.mark_up(None);
-        assert!(r.is_up(Instant::now()));
+        assert!(r.is_up());
+        assert!(!r.retry_due(Instant::now() + MAX_BACKOFF));
     }
 
     #[test]
     fn ordered_and_lowest_rtt_candidates_skip_down_relays() {
-        let set = RelaySet {
-            inner: Arc::new(SetInner {
-                relays: vec![relay("https://a"), relay("https://b"), relay("https://c")],
-                policy: Policy::Ordered,
-                prober: Mutex::new(None),
-            }),
-        };
+        let set = set_of(Policy::Ordered, &["https://a", "https://b", "https://c"]);
         set.inner.relays[0].mark_down(&ClientError::Timeout);
-        let names: Vec<_> = set
-            .candidates()
-            .iter()
-            .map(|r| r.cfg.relay.clone())
-            .collect();
-        assert_eq!(names, ["https://b", "https://c"]);
+        assert_eq!(names(&set), ["https://b", "https://c"]);
 
-        let set = RelaySet {
-            inner: Arc::new(SetInner {
-                relays: vec![relay("https://a"), relay("https://b"), relay("https://c")],
-                policy: Policy::LowestRtt,
-                prober: Mutex::new(None),
-            }),
-        };
+        let set = set_of(Policy::LowestRtt, &["https://a", "https://b", "https://c"]);
         set.inner.relays[0].mark_up(Some(Duration::from_millis(30)));
         set.inner.relays[1].mark_up(Some(Duration::from_millis(10)));
-        let names: Vec<_> = set
-            .candidates()
-            .iter()
-            .map(|r| r.cfg.relay.clone())
-            .collect();
-        assert_eq!(names, ["https://b", "https://a", "https://c"]);
+        assert_eq!(names(&set), ["https://b", "https://a", "https://c"]);
         for r in &set.inner.relays {
             r.mark_down(&ClientError::Timeout);
         }
         assert_eq!(set.candidates().len(), 3, "all down: still try them");
+    }
+
+    #[test]
+    fn random_candidates_cover_every_usable_relay() {
+        let set = set_of(Policy::Random, &["https://a", "https://b", "https://c"]);
+        set.inner.relays[2].mark_down(&ClientError::Timeout);
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let n = names(&set);
+            assert_eq!(n.len(), 2);
+            assert!(!n.contains(&"https://c".to_string()));
+            firsts.insert(n[0].clone());
+        }
+        assert_eq!(
+            firsts.len(),
+            2,
+            "both usable relays must come first sometimes"
+        );
     }
 }

@@ -40,10 +40,17 @@ pub struct TcpTunnel {
     shut: bool,
     /// Dropped → the writer resets the stream unless it already finished.
     _abort: oneshot::Sender<()>,
+    /// Keeps the QUIC connection (and its HTTP/3 driver) alive while the tunnel is open, even after
+    /// the client replaced it: dropping the last h3 `SendRequest` closes the whole connection.
+    _conn: Arc<crate::client::Conn>,
 }
 
 impl TcpTunnel {
-    pub(crate) fn new(stream: H3Stream, response: http::Response<()>) -> Self {
+    pub(crate) fn new(
+        stream: H3Stream,
+        response: http::Response<()>,
+        conn: Arc<crate::client::Conn>,
+    ) -> Self {
         let (send, recv) = stream.split();
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let (abort_tx, abort_rx) = oneshot::channel();
@@ -60,6 +67,7 @@ impl TcpTunnel {
             finished: Some(done_rx),
             shut: false,
             _abort: abort_tx,
+            _conn: conn,
         }
     }
 

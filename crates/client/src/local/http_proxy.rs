@@ -93,6 +93,10 @@ async fn handle<O: TunnelOpener>(mut stream: TcpStream, opener: O) -> std::io::R
             match parse_head(&buf) {
                 Ok(Some(h)) => return Ok(Ok(h)),
                 Ok(None) => {}
+                // RFC 6585 §5: 431 for a header section that is too large.
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Ok(Err(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE))
+                }
                 Err(_) => return Ok(Err(http::StatusCode::BAD_REQUEST)),
             }
             if buf.len() >= MAX_HEAD {

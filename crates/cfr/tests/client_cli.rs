@@ -1,0 +1,453 @@
+//! `cfr client` as a process: flags, errors, and real local clients (Debian curl, headless
+//! Chromium) through its SOCKS5 / HTTP proxy listeners and an in-process relay to an HTTPS origin.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cfr_testkit::origins::{HttpsOrigin, TcpEcho, PAGE_HTML, ROOT_BODY};
+use cfr_testkit::relay::TestRelay;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+const CFR: &str = env!("CARGO_BIN_EXE_cfr");
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn lo() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// The HTTPS origin listens on 127.0.0.5 and only the relay maps `localhost` there: a client that
+/// resolved `localhost` itself or bypassed the proxy would find nothing listening on 127.0.0.1, so
+/// a successful fetch proves the name went through the proxy to the relay (socks5h semantics).
+const ORIGIN_IP: &str = "127.0.0.5";
+
+fn origin_bind() -> SocketAddr {
+    SocketAddr::new(ORIGIN_IP.parse().unwrap(), 0)
+}
+
+/// A running `cfr client`; killed on drop.
+struct CfrClient {
+    child: Child,
+    socks: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl CfrClient {
+    /// Starts `cfr client ARGS --print-ready` and waits for its ready line.
+    async fn start(args: &[&str]) -> CfrClient {
+        let mut child = Command::new(CFR)
+            .arg("client")
+            .args(args)
+            .arg("--print-ready")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn cfr client");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let log = stderr.clone();
+        let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = err_lines.next_line().await {
+                let mut log = log.lock().unwrap();
+                log.push_str(&l);
+                log.push('\n');
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(LIMIT, out.next_line())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no ready line within {LIMIT:?}; stderr:\n{}",
+                    stderr.lock().unwrap()
+                )
+            })
+            .unwrap()
+            .unwrap_or_else(|| {
+                panic!(
+                    "cfr client exited before ready; stderr:\n{}",
+                    stderr.lock().unwrap()
+                )
+            });
+        assert!(line.starts_with("{\"ready\":true"), "ready line: {line}");
+        CfrClient {
+            child,
+            socks: json_addr(&line, "socks5"),
+            http: json_addr(&line, "http"),
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then the exit status (bounded).
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running").to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        tokio::time::timeout(LIMIT, self.child.wait())
+            .await
+            .expect("cfr client exits within the limit after SIGTERM")
+            .unwrap()
+    }
+}
+
+/// `"key":"ADDR"` from the ready line (`null` → None).
+fn json_addr(line: &str, key: &str) -> Option<SocketAddr> {
+    let start = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &line[start..];
+    let rest = rest.strip_prefix('"')?;
+    rest[..rest.find('"')?].parse().ok()
+}
+
+/// A relay that also resolves `localhost` (what curl and Chromium send) to [`ORIGIN_IP`], and the
+/// client flags that trust and authenticate to it.
+async fn relay_and_flags(dir: &Path) -> (TestRelay, Vec<String>) {
+    let relay = TestRelay::start_with(|cfg| {
+        cfg.resolver
+            .hosts
+            .insert("localhost".into(), vec![ORIGIN_IP.parse().unwrap()]);
+    })
+    .await;
+    let token = dir.join("token");
+    std::fs::write(&token, format!("  {}\n", relay.token)).unwrap();
+    let flags = vec![
+        "--relay".into(),
+        relay.url(),
+        "--ca".into(),
+        relay.ca_pem.display().to_string(),
+        "--token-file".into(),
+        token.display().to_string(),
+    ];
+    (relay, flags)
+}
+
+/// Runs `cmd` (its own process group) for at most `limit`; on overrun the whole group is killed.
+/// Returns (exit ok, stdout, stderr), or Err on timeout.
+async fn run_group(mut cmd: Command, limit: Duration) -> Result<(bool, String, String), String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e} (interop/setup.sh installs it)"))?;
+    let pgid = child.id().expect("just spawned");
+    let _group = GroupGuard(pgid);
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let io = async {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        let _ = tokio::join!(stdout.read_to_end(&mut o), stderr.read_to_end(&mut e));
+        let status = child.wait().await;
+        (status, o, e)
+    };
+    match tokio::time::timeout(limit, io).await {
+        Ok((status, o, e)) => Ok((
+            status.map(|s| s.success()).unwrap_or(false),
+            String::from_utf8_lossy(&o).into_owned(),
+            String::from_utf8_lossy(&e).into_owned(),
+        )),
+        Err(_) => Err(format!(
+            "{cmd:?} did not finish within {limit:?}; process group killed"
+        )),
+    }
+}
+
+/// Kills a process group on drop (children such as Chromium's renderers included).
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+async fn curl(args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new("/usr/bin/curl");
+    cmd.args(["-sS", "--max-time", "20"]).args(args);
+    run_group(cmd, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_curl_fetches_https_origin_through_socks5_and_http_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = HttpsOrigin::start(origin_bind()).await;
+    let (relay, mut flags) = relay_and_flags(dir.path()).await;
+    // The relay also comes from a list file (with comments); the duplicate is dropped.
+    let list = dir.path().join("relays.txt");
+    std::fs::write(
+        &list,
+        format!("# test relays\n\n{}  # primary\n", relay.url()),
+    )
+    .unwrap();
+    flags.extend(["--relay-list".into(), list.display().to_string()]);
+    flags.extend(["--select".into(), "ordered".into()]);
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend(["--socks5", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
+    let client = CfrClient::start(&args).await;
+    let socks = client.socks.expect("SOCKS5 address in the ready line");
+    let http = client.http.expect("HTTP proxy address in the ready line");
+    let stderr = client.stderr();
+    assert!(
+        stderr.contains(&format!("SOCKS5 proxy on {socks}")) || {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client
+                .stderr()
+                .contains(&format!("SOCKS5 proxy on {socks}"))
+        },
+        "prints what it listens on: {stderr}"
+    );
+
+    let url = origin.localhost_url("/");
+    let ca = origin.ca_pem_path().to_str().unwrap();
+    // Control: without the proxy, `localhost` resolves here and nothing answers.
+    let (ok, _, _) = curl(&["--noproxy", "*", "--cacert", ca, &url]).await;
+    assert!(!ok, "the origin must be reachable only through the relay");
+    let socks_arg = socks.to_string();
+    let (ok, body, err) = curl(&["--socks5-hostname", &socks_arg, "--cacert", ca, &url]).await;
+    assert!(
+        ok,
+        "curl --socks5-hostname: {err}\ncfr client stderr:\n{}",
+        client.stderr()
+    );
+    assert_eq!(body.as_bytes(), ROOT_BODY, "body via SOCKS5");
+
+    let proxy = format!("http://{http}");
+    let (ok, body, err) = curl(&["-x", &proxy, "--cacert", ca, &url]).await;
+    assert!(
+        ok,
+        "curl -x (CONNECT): {err}\ncfr client stderr:\n{}",
+        client.stderr()
+    );
+    assert_eq!(body.as_bytes(), ROOT_BODY, "body via HTTP CONNECT");
+    assert_eq!(origin.requests().len(), 2);
+
+    let status = client.terminate().await;
+    assert!(status.success(), "SIGTERM → clean exit, got {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_headless_chromium_loads_https_page_through_socks5() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/certutil"] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: run interop/setup.sh (installs chromium and libnss3-tools)"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let origin = HttpsOrigin::start(origin_bind()).await;
+    let (_relay, flags) = relay_and_flags(dir.path()).await;
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend(["--socks5", "127.0.0.1:0"]);
+    let client = CfrClient::start(&args).await;
+    let socks = client.socks.unwrap();
+
+    // Chromium on Linux trusts the NSS db in $HOME/.pki/nssdb: a fresh HOME with only our CA.
+    let home = dir.path().join("home");
+    let nssdb = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&nssdb).unwrap();
+    let db = format!("sql:{}", nssdb.display());
+    for certutil_args in [
+        vec!["-d", &db, "-N", "--empty-password"],
+        vec![
+            "-d",
+            &db,
+            "-A",
+            "-n",
+            "cfr-test",
+            "-t",
+            "C,,",
+            "-i",
+            origin.ca_pem_path().to_str().unwrap(),
+        ],
+    ] {
+        let mut cmd = Command::new("/usr/bin/certutil");
+        cmd.args(&certutil_args).env("HOME", &home);
+        let (ok, _, err) = run_group(cmd, LIMIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(ok, "certutil {certutil_args:?}: {err}");
+    }
+
+    let url = origin.localhost_url("/page.html");
+    let profile: PathBuf = dir.path().join("profile");
+    let mut cmd = Command::new("/usr/bin/chromium");
+    cmd.env("HOME", &home)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        // With a SOCKS5 proxy Chromium sends host names to the proxy (socks5h semantics).
+        .arg(format!("--proxy-server=socks5://{socks}"))
+        // Chromium never proxies loopback unless told to: this origin is on loopback.
+        .arg("--proxy-bypass-list=<-loopback>")
+        .args(["--dump-dom", &url]);
+    let (ok, dom, err) = run_group(cmd, Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "Chromium could not load the page: {e}\ncfr client stderr:\n{}",
+                client.stderr()
+            )
+        });
+    let text = String::from_utf8_lossy(PAGE_HTML);
+    let marker = "cfr-testkit origin: hello";
+    assert!(text.contains(marker));
+    assert!(
+        ok && dom.contains(marker),
+        "Chromium --dump-dom must contain {marker:?}; exit ok={ok}\nDOM:\n{dom}\nchromium stderr (tail):\n{}\ncfr client stderr:\n{}",
+        err.lines().rev().take(30).collect::<Vec<_>>().join("\n"),
+        client.stderr()
+    );
+    let reqs = origin.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.path == "/page.html" && r.status == 200),
+        "the origin served the page: {reqs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_keeps_serving_when_relay_is_unreachable_at_start() {
+    // A UDP port with nothing behind it.
+    let port = std::net::UdpSocket::bind(lo())
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    cfr_relay::tls::generate_dev_pki(dir.path(), &[]).unwrap();
+    let relay_url = format!("https://127.0.0.1:{port}");
+    let client = CfrClient::start(&[
+        "--relay",
+        &relay_url,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--token",
+        "t",
+        "--socks5",
+        "127.0.0.1:0",
+        "--connect-timeout-secs",
+        "1",
+    ])
+    .await;
+    let socks = client.socks.unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !client.stderr().contains("unreachable at start") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected a warning about the unreachable relay; stderr:\n{}",
+            client.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A tunnel request fails cleanly (general failure), and the listener keeps serving.
+    let echo = TcpEcho::start(lo()).await;
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(socks).await.unwrap();
+        s.write_all(&[5, 1, 0]).await.unwrap();
+        let mut sel = [0u8; 2];
+        s.read_exact(&mut sel).await.unwrap();
+        let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+        req.extend_from_slice(&echo.addr().port().to_be_bytes());
+        s.write_all(&req).await.unwrap();
+        let mut reply = [0u8; 10];
+        tokio::time::timeout(LIMIT, s.read_exact(&mut reply))
+            .await
+            .expect("reply within the limit")
+            .unwrap();
+        assert_eq!(reply[1], 0x01, "no relay → general SOCKS server failure");
+    }
+    let status = client.terminate().await;
+    assert!(status.success(), "{status:?}");
+}
+
+/// Runs `cfr client ARGS` expecting a quick failure; returns stderr.
+async fn cli_error(args: &[&str]) -> String {
+    let mut cmd = Command::new(CFR);
+    cmd.arg("client").args(args);
+    let (ok, _, err) = run_group(cmd, LIMIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!ok, "cfr client {args:?} must fail");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_rejects_bad_flags_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty_list = dir.path().join("empty.txt");
+    std::fs::write(&empty_list, "# nothing\n").unwrap();
+    let missing = dir.path().join("missing");
+    let missing = missing.to_str().unwrap();
+    let ok_relay = "https://127.0.0.1:4433";
+    for (args, expect) in [
+        (vec!["--socks5", "127.0.0.1:0"], "no relay"),
+        (
+            vec!["--relay", "http://relay.example:4433"],
+            "scheme must be https",
+        ),
+        (vec!["--relay", "https://relay.example:99999"], "bad port"),
+        (
+            vec!["--relay", ok_relay, "--token-file", missing],
+            "cannot read token file",
+        ),
+        (vec!["--relay", ok_relay, "--ca", missing], "reading"),
+        (
+            vec!["--relay", ok_relay, "--pin-cert", missing],
+            "--pin-cert",
+        ),
+        (
+            vec!["--relay-list", empty_list.to_str().unwrap()],
+            "has no relay URL",
+        ),
+        (
+            vec!["--relay", ok_relay, "--select", "fastest"],
+            "unknown relay selection policy",
+        ),
+        (
+            vec!["--relay", ok_relay, "--socks5", "off"],
+            "nothing to listen on",
+        ),
+        (
+            vec!["--relay", ok_relay, "--socks5", "nowhere"],
+            "expected ADDR:PORT",
+        ),
+        (
+            vec!["--relay", ok_relay, "--socks-user", "u"],
+            "--socks-pass",
+        ),
+    ] {
+        let err = cli_error(&args).await;
+        assert!(
+            err.contains(expect),
+            "cfr client {args:?}: expected {expect:?} in:\n{err}"
+        );
+    }
+}
