@@ -69,11 +69,7 @@ pub async fn serve_connection(
         }
     };
     let router = Arc::new(DatagramRouter::default());
-    let reader = tasks.spawn(route_datagrams(
-        core.clone(),
-        quic.clone(),
-        router.clone(),
-    ));
+    let reader = tasks.spawn(route_datagrams(core.clone(), quic.clone(), router.clone()));
     // This connection's requests, so a draining connection closes as soon as its last tunnel ends
     // instead of idling until the client hangs up or the grace period runs out.
     let requests = TaskTracker::new();

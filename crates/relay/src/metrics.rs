@@ -56,5 +56,12 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<(), String> {
         .install()
         .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
     describe();
+    cfr_egress::describe_metrics();
+    // Series without labels exist from the start, so the first scrape shows them (at 0) and a
+    // rate() over them has a baseline; labelled series appear with their first event.
+    metrics::counter!(AUTH_FAILURES).absolute(0);
+    metrics::counter!(POLICY_REFUSALS).absolute(0);
+    metrics::gauge!(CONNECTIONS_ACTIVE).set(0.0);
+    metrics::gauge!(DRAINING).set(0.0);
     Ok(())
 }

@@ -385,7 +385,12 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        for spelling in ["8.8.8.8", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
+        for spelling in [
+            "8.8.8.8",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert_eq!(
                 p.check(sa(spelling)),
                 Err(Refusal::OperatorDenied),

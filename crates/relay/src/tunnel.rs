@@ -259,7 +259,11 @@ impl Core {
                 // Waiting for a lookup slot counts against the DNS timeout, so a burst of names
                 // that never resolve costs every queued request at most `dns_secs`, not a multiple.
                 let lookup = async {
-                    let _slot = self.dns_slots.acquire().await.map_err(|_| ResolveError::Failed)?;
+                    let _slot = self
+                        .dns_slots
+                        .acquire()
+                        .await
+                        .map_err(|_| ResolveError::Failed)?;
                     self.resolver.resolve(name).await
                 };
                 let timeout = Duration::from_secs(self.config.timeouts.dns_secs);
@@ -293,7 +297,9 @@ impl Core {
         }
         if allowed.is_empty() {
             metrics::counter!(m::POLICY_REFUSALS).increment(1);
-            self.counters.policy_refusals.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .policy_refusals
+                .fetch_add(1, Ordering::Relaxed);
             let details = refusal
                 .map(|r| r.details())
                 .unwrap_or("destination not allowed");
@@ -673,9 +679,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
             match datagram::split_context_id(&payload) {
                 Ok((UDP_PAYLOAD_CONTEXT, data)) => forward(&data),
                 Ok(_) => core.datagram_dropped("unknown_context_id"),
-                Err(_) => {
-                    core.datagram_dropped("malformed_datagram")
-                }
+                Err(_) => core.datagram_dropped("malformed_datagram"),
             }
         }
         std::future::pending::<Result<(), Stop>>().await
