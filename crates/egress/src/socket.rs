@@ -42,7 +42,7 @@ fn count_bind_failure(source: IpAddr, proto: Proto, err: &io::Error) {
     )
     .increment(1);
     // Debug only, and never with client data: the egress address must not end up in operator logs.
-    tracing::debug!(family = family_label(source), proto = proto.label(), %source, error = %err,
+    tracing::debug!(family = family_label(source), proto = proto.label(), error = %err,
         "egress bind failed");
 }
 
