@@ -816,8 +816,8 @@ fn tcp_echo(opts: &Opts, rest: &[String]) -> Checked {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let body = &s.streams[&sid].body;
-    let got_hash = hex_sha256(body);
+    let body = std::mem::take(&mut s.streams.get_mut(&sid).expect("stream").body);
+    let got_hash = hex_sha256(&body);
     let _ = s.conn.close(true, 0x100, b"done");
     let _ = s.flush();
     if body.len() != len || got_hash != sent_hash {
