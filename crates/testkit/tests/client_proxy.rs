@@ -1,6 +1,9 @@
 //! End-to-end: the client library's local SOCKS5 / HTTP CONNECT listeners and relay selection,
 //! through real relays on loopback to real origins (and Debian curl as the local client).
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cfr_client::select::{Policy, RelaySet};
@@ -454,6 +457,101 @@ async fn ordered_policy_fails_over_when_first_relay_stops() {
         .unwrap()
         .unwrap();
     assert_eq!(back, b"still here");
+}
+
+/// A UDP forwarder in front of a relay that can be cut: afterwards it swallows every packet both
+/// ways, like a relay host that died without closing anything (kill -9, power loss, partition).
+struct Blackhole {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Blackhole {
+    async fn start(upstream: SocketAddr) -> Blackhole {
+        let front = Arc::new(UdpSocket::bind(lo()).await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut peers: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut readers = tokio::task::JoinSet::new();
+            let mut buf = vec![0u8; 65_535];
+            loop {
+                let Ok((n, from)) = front.recv_from(&mut buf).await else {
+                    continue;
+                };
+                if flag.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let up = match peers.get(&from) {
+                    Some(u) => u.clone(),
+                    None => {
+                        let u = Arc::new(UdpSocket::bind(lo()).await.unwrap());
+                        u.connect(upstream).await.unwrap();
+                        let (u2, front, flag) = (u.clone(), front.clone(), flag.clone());
+                        readers.spawn(async move {
+                            let mut buf = vec![0u8; 65_535];
+                            while let Ok(n) = u2.recv(&mut buf).await {
+                                if !flag.load(Ordering::Relaxed) {
+                                    let _ = front.send_to(&buf[..n], from).await;
+                                }
+                            }
+                        });
+                        peers.insert(from, u.clone());
+                        u
+                    }
+                };
+                let _ = up.send(&buf[..n]).await;
+            }
+        });
+        Blackhole { addr, cut, task }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_policy_fails_over_when_first_relay_goes_silent() {
+    let two = TwoRelays::start().await;
+    let hole = Blackhole::start(two.a.addr).await;
+    let mut configs = two.configs();
+    configs[0].relay = format!("https://localhost:{}", hole.addr.port());
+    let set = RelaySet::connect(configs, Policy::Ordered).await.unwrap();
+    let mut t = which_tunnel(&set, two.port).await;
+    t.shutdown().await.unwrap();
+    assert_eq!(
+        two.echo_a.peers().len(),
+        1,
+        "first relay used while it answers"
+    );
+
+    hole.cut.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let mut t = which_tunnel(&set, two.port).await;
+    let failover = started.elapsed();
+    assert!(
+        failover < Duration::from_secs(3) + Duration::from_secs(2),
+        "failover from a silent relay took {failover:?}, more than one handshake timeout (3 s) plus slack"
+    );
+    assert_eq!(
+        two.echo_b.peers().len(),
+        1,
+        "the new tunnel went to the second relay"
+    );
+    t.shutdown().await.unwrap();
+    let started = Instant::now();
+    let _t = which_tunnel(&set, two.port).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the silent relay must not delay later tunnels ({:?})",
+        started.elapsed()
+    );
+    assert_eq!((two.echo_a.peers().len(), two.echo_b.peers().len()), (1, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -225,7 +225,12 @@ async fn udp_associate<O: TunnelOpener + Clone>(
                 }
             }
             r = socket.recv_from(&mut pkt) => {
-                let (n, from) = r?;
+                // A transient error (e.g. an ICMP error surfacing on the socket) must not end
+                // the association; the control connection decides its life.
+                let Ok((n, from)) = r else {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
                 if from.ip() != peer.ip() || client.is_some_and(|c| c != from) {
                     continue;
                 }
