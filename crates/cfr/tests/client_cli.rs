@@ -451,3 +451,36 @@ async fn cli_rejects_bad_flags_with_clear_errors() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_pin_cert_trusts_exactly_the_relays_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = HttpsOrigin::start(origin_bind()).await;
+    let (relay, flags) = relay_and_flags(dir.path()).await;
+    let token_file = &flags[5];
+    let url = origin.localhost_url("/");
+    let ca = origin.ca_pem_path().to_str().unwrap();
+    let right = relay.dir.path().join("server.pem");
+    let wrong = origin.ca_pem_path().to_path_buf();
+    for (pin, should_work) in [(right, true), (wrong, false)] {
+        let client = CfrClient::start(&[
+            "--relay",
+            &relay.url(),
+            "--pin-cert",
+            pin.to_str().unwrap(),
+            "--token-file",
+            token_file,
+            "--socks5",
+            "127.0.0.1:0",
+        ])
+        .await;
+        let socks = client.socks.unwrap().to_string();
+        let (ok, body, err) = curl(&["--socks5-hostname", &socks, "--cacert", ca, &url]).await;
+        if should_work {
+            assert!(ok, "pinned relay certificate: {err}\n{}", client.stderr());
+            assert_eq!(body.as_bytes(), ROOT_BODY);
+        } else {
+            assert!(!ok, "a pin that does not match the relay must not connect");
+        }
+    }
+}
