@@ -89,11 +89,31 @@ pub(crate) struct Conn {
     _endpoint: quinn::Endpoint,
 }
 
+/// How long a connection whose last handle was dropped stays open so that data already written
+/// to its streams (a tunnel dropped right after `shutdown`) is delivered: until the relay closes it
+/// (a draining relay does once its last request ended) or this long at most.
+const LINGER: Duration = Duration::from_secs(10);
+
 impl Drop for Conn {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        let tasks = std::mem::take(&mut self.tasks);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tasks.iter().for_each(JoinHandle::abort);
+            return;
+        };
+        // Dropping the last QUIC/h3 handles closes the connection at once, discarding stream data
+        // not yet acknowledged. Keep them (and the h3 driver) alive a little longer instead.
+        let quic = self.quic.clone();
+        let keep = (
+            self.send_request.lock().unwrap().clone(),
+            self._endpoint.clone(),
+        );
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(LINGER, quic.closed()).await;
+            quic.close(quinn::VarInt::from_u32(0x100), b"");
+            drop(keep);
+            tasks.iter().for_each(JoinHandle::abort);
+        });
     }
 }
 

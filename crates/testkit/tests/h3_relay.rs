@@ -464,3 +464,30 @@ async fn tunnel_limits_answer_503_and_free_up() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     tcp_roundtrip(&client, &target(echo.addr()), b"slot freed").await;
 }
+
+#[tokio::test]
+async fn dropping_client_right_after_shutdown_still_delivers_every_byte() {
+    use cfr_testkit::origins::RecordingTcp;
+    const LEN: usize = 8 << 20;
+    let sink = RecordingTcp::start(lo(), &b""[..]).await;
+    let relay = TestRelay::start().await;
+    let data: Vec<u8> = (0..LEN).map(|i| (i * 7 % 251) as u8).collect();
+    {
+        let client = relay.client().await;
+        let mut t = client.connect_tcp(&target(sink.addr())).await.unwrap();
+        t.write_all(&data).await.unwrap();
+        t.shutdown().await.unwrap();
+        // Tunnel and client (the last handles of the QUIC connection) dropped here, while data
+        // may still be in flight.
+    }
+    let rec = sink
+        .wait_recording(0, LEN, LIMIT)
+        .await
+        .expect("the destination received the upload");
+    assert_eq!(
+        rec.bytes.len(),
+        LEN,
+        "every byte written before shutdown must arrive"
+    );
+    assert!(rec.bytes == data, "bytes arrive unchanged");
+}
