@@ -32,6 +32,12 @@ pub struct ClientArgs {
     /// The relay's exact certificate (PEM or DER); trusted regardless of name and CA.
     #[arg(long, value_name = "FILE")]
     pub pin_cert: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the relay for mTLS (`auth.client_ca` on the relay).
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Local SOCKS5 listener (CONNECT + UDP ASSOCIATE), or `off`.
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:1080", value_parser = parse_listen)]
     pub socks5: Listen,
@@ -141,6 +147,7 @@ fn relay_configs(args: &ClientArgs) -> Result<Vec<ClientConfig>, String> {
             let mut c = ClientConfig::new(url, trust.clone());
             c.token = token.clone();
             c.connect_timeout = Duration::from_secs(args.connect_timeout_secs);
+            c.client_cert = args.client_cert.clone().zip(args.client_key.clone());
             if args.capsules {
                 c.datagrams = DatagramMode::Capsules;
             }
