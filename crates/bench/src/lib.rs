@@ -237,6 +237,9 @@ fn derive(r: &mut Report) {
     ] {
         let p99 = |n: &str| r.get(&format!("{n}: p99")).and_then(|x| x.value);
         let name = format!("{label} random source adds, p99");
+        if r.get(&format!("{random}: p99")).is_none() {
+            continue;
+        }
         let row = match (p99(random), p99(kernel)) {
             (Some(a), Some(b)) => Row::new(egress::SECTION, name.clone(), a - b, "µs"),
             _ => Row::unavailable(

@@ -256,10 +256,11 @@ impl DatagramOut for QuicDatagrams {
         max.checked_sub(cfr_proto::varint::encoded_len(self.qsid))
     }
 
-    fn send(&self, payload: Bytes) -> bool {
-        let mut frame = Vec::with_capacity(8 + payload.len());
+    fn send(&self, context_id: u64, data: &[u8]) -> bool {
+        let mut frame = Vec::with_capacity(16 + data.len());
         cfr_proto::varint::encode(self.qsid, &mut frame);
-        frame.extend_from_slice(&payload);
+        cfr_proto::varint::encode(context_id, &mut frame);
+        frame.extend_from_slice(data);
         // A full send buffer means the client's path is slower than the destination: drop this
         // datagram (and count it) rather than let quinn silently evict older ones.
         if self.quic.datagram_send_buffer_space() < frame.len() {

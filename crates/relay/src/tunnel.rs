@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cfr_egress::{ConnectionEgress, EgressPool};
 use cfr_proto::capsule::{self, Capsule, CapsuleDecoder};
 use cfr_proto::datagram::{self, MAX_UDP_PAYLOAD, UDP_PAYLOAD_CONTEXT};
 use cfr_proto::{Host, ProxyError, ProxyStatus, Target};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -433,8 +433,9 @@ pub trait TunnelSend: Send {
 pub trait DatagramOut: Send + Sync {
     /// Largest HTTP datagram payload (context ID + data) that fits a frame now, if any.
     fn max_payload(&self) -> Option<usize>;
-    /// Sends one HTTP datagram payload (context ID + data); never blocks. False if it was dropped.
-    fn send(&self, payload: Bytes) -> bool;
+    /// Sends one HTTP datagram (context ID + data) in one QUIC DATAGRAM frame, built with a
+    /// single allocation; never blocks. False if it was dropped.
+    fn send(&self, context_id: u64, data: &[u8]) -> bool;
 }
 
 /// What a finished tunnel did, for its log line.
@@ -502,21 +503,37 @@ pub async fn relay_tcp<R: TunnelRecv, S: TunnelSend>(
     let buf_size = core.config.limits.tcp_buffer_bytes;
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
-    let (mut tcp_r, mut tcp_w) = tcp.split();
+    let (tcp_r, mut tcp_w) = tcp.split();
 
     let up = async {
+        // A front-end hands over chunks as its transport delivered them: for HTTP/3 about one QUIC
+        // packet each. One write syscall per packet costs more than the crypto, so chunks that are
+        // already there are coalesced and written when the next one would have to be waited for.
+        let mut out = tokio::io::BufWriter::with_capacity(buf_size, &mut tcp_w);
         loop {
-            match rx.recv().await {
+            let next = rx.recv();
+            tokio::pin!(next);
+            let received = match futures_util::FutureExt::now_or_never(next.as_mut()) {
+                Some(r) => r,
+                None => {
+                    if !out.buffer().is_empty() && out.flush().await.is_err() {
+                        return Err(Stop::TargetReset);
+                    }
+                    next.await
+                }
+            };
+            match received {
                 Ok(Some(chunk)) => {
                     activity.touch();
                     up_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    if tcp_w.write_all(&chunk).await.is_err() {
+                    if out.write_all(&chunk).await.is_err() {
                         return Err(Stop::TargetReset);
                     }
                 }
                 Ok(None) => {
-                    // Half-close: the destination sees FIN, the other direction keeps going.
-                    let _ = tcp_w.shutdown().await;
+                    // Half-close: the destination sees FIN (after what is buffered), the other
+                    // direction keeps going.
+                    let _ = out.shutdown().await;
                     return Ok(());
                 }
                 Err(_) => return Err(Stop::ClientReset),
@@ -524,9 +541,17 @@ pub async fn relay_tcp<R: TunnelRecv, S: TunnelSend>(
         }
     };
     let down = async {
-        let mut buf = vec![0u8; buf_size];
+        // Read straight into the buffer that is sent on (no copy), allocated only once the
+        // destination has sent something: an idle tunnel holds no buffer.
+        let mut buf = BytesMut::new();
         loop {
-            match tcp_r.read(&mut buf).await {
+            if tcp_r.as_ref().readable().await.is_err() {
+                return Err(Stop::TargetReset);
+            }
+            if buf.capacity() < buf_size / 4 {
+                buf = BytesMut::with_capacity(buf_size);
+            }
+            match tcp_r.as_ref().try_read_buf(&mut buf) {
                 Ok(0) => {
                     let _ = tx.finish().await;
                     return Ok(());
@@ -534,10 +559,11 @@ pub async fn relay_tcp<R: TunnelRecv, S: TunnelSend>(
                 Ok(n) => {
                     activity.touch();
                     down_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    if tx.send(buf.split().freeze()).await.is_err() {
                         return Err(Stop::ClientReset);
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return Err(Stop::TargetReset),
             }
         }
@@ -707,10 +733,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                 if let Some(out) = &datagrams_out {
                     let payload_len = cfr_proto::varint::encoded_len(UDP_PAYLOAD_CONTEXT) + n;
                     if out.max_payload().is_some_and(|max| payload_len <= max) {
-                        let mut p = Vec::with_capacity(payload_len);
-                        cfr_proto::varint::encode(UDP_PAYLOAD_CONTEXT, &mut p);
-                        p.extend_from_slice(data);
-                        if !out.send(Bytes::from(p)) {
+                        if !out.send(UDP_PAYLOAD_CONTEXT, data) {
                             core.datagram_dropped("quic_datagram_send");
                         }
                         continue;
