@@ -122,7 +122,9 @@ fn parse_global(argv: &[String]) -> Result<Global, String> {
                 .next()
                 .ok_or_else(|| format!("--relay {relay_authority}: no address"))?;
             if !addr.ip().is_loopback() {
-                return Err(format!("--relay {addr}: interop tests run on loopback only"));
+                return Err(format!(
+                    "--relay {addr}: interop tests run on loopback only"
+                ));
             }
             let host = split_host_port(&relay_authority)?.0;
             // An IP literal cannot be checked as a DNS name; cfr's dev certificate is for localhost.
@@ -205,7 +207,10 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
     let (h, p) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("{s}: expected HOST:PORT"))?;
-    let h = h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h);
+    let h = h
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(h);
     let port = p.parse().map_err(|_| format!("{s}: bad port"))?;
     Ok((h.to_string(), port))
 }
@@ -350,14 +355,8 @@ impl Session {
             .fill(&mut scid)
             .map_err(|_| "rng failed".to_string())?;
         let scid = quiche::ConnectionId::from_ref(&scid);
-        let conn = quiche::connect(
-            Some(&opts.server_name),
-            &scid,
-            local,
-            opts.relay,
-            &mut cfg,
-        )
-        .map_err(|e| format!("quiche::connect: {e}"))?;
+        let conn = quiche::connect(Some(&opts.server_name), &scid, local, opts.relay, &mut cfg)
+            .map_err(|e| format!("quiche::connect: {e}"))?;
 
         let mut conn = conn;
         let mut buf = vec![0; 65_535];
@@ -374,7 +373,14 @@ impl Session {
             if Instant::now() > deadline {
                 return Err("QUIC handshake timed out".into());
             }
-            io(&sock, local, &mut conn, &mut buf, &mut out, Duration::from_millis(50))?;
+            io(
+                &sock,
+                local,
+                &mut conn,
+                &mut buf,
+                &mut out,
+                Duration::from_millis(50),
+            )?;
         }
         let mut h3cfg = quiche::h3::Config::new().map_err(|e| e.to_string())?;
         h3cfg.enable_extended_connect(true);
@@ -392,12 +398,22 @@ impl Session {
             out,
         };
         // The relay's SETTINGS must arrive before an extended CONNECT (RFC 9220 §3).
-        s.run_until(|s| s.h3.extended_connect_enabled_by_peer(), "relay SETTINGS")?;
+        s.run_until(
+            |s| s.h3.extended_connect_enabled_by_peer(),
+            "relay SETTINGS",
+        )?;
         Ok(s)
     }
 
     fn io(&mut self, max_wait: Duration) -> Result<(), String> {
-        io(&self.sock, self.local, &mut self.conn, &mut self.buf, &mut self.out, max_wait)
+        io(
+            &self.sock,
+            self.local,
+            &mut self.conn,
+            &mut self.buf,
+            &mut self.out,
+            max_wait,
+        )
     }
 
     fn flush(&mut self) -> Result<(), String> {
@@ -443,17 +459,12 @@ impl Session {
                 Err(e) => return Err(format!("HTTP/3 connection error: {e}")),
             }
         }
-        loop {
-            match self.conn.dgram_recv(&mut self.buf) {
-                Ok(n) => {
-                    if let Some((qsid, used)) = read_varint(&self.buf[..n]) {
-                        self.datagrams
-                            .entry(qsid)
-                            .or_default()
-                            .push_back(self.buf[used..n].to_vec());
-                    }
-                }
-                Err(_) => break,
+        while let Ok(n) = self.conn.dgram_recv(&mut self.buf) {
+            if let Some((qsid, used)) = read_varint(&self.buf[..n]) {
+                self.datagrams
+                    .entry(qsid)
+                    .or_default()
+                    .push_back(self.buf[used..n].to_vec());
             }
         }
         Ok(())
@@ -548,9 +559,7 @@ impl Session {
     /// Waits for the response head; `Err` unless it is 2xx.
     fn await_2xx(&mut self, sid: u64) -> Result<(), String> {
         self.run_until(
-            |s| {
-                s.streams[&sid].headers.is_some() || s.streams[&sid].reset.is_some()
-            },
+            |s| s.streams[&sid].headers.is_some() || s.streams[&sid].reset.is_some(),
             "response headers",
         )?;
         let st = &self.streams[&sid];
@@ -560,7 +569,10 @@ impl Session {
                 "status {c} (proxy-status: {})",
                 st.header("proxy-status").unwrap_or("-")
             )),
-            None => Err(format!("stream reset with 0x{:x} before a response", st.reset.unwrap_or(0))),
+            None => Err(format!(
+                "stream reset with 0x{:x} before a response",
+                st.reset.unwrap_or(0)
+            )),
         }
     }
 
@@ -605,7 +617,8 @@ fn io(
         .timeout()
         .map_or(max_wait, |t| t.min(max_wait))
         .max(Duration::from_millis(1));
-    sock.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(wait))
+        .map_err(|e| e.to_string())?;
     let mut got = false;
     loop {
         match sock.recv_from(buf) {
@@ -665,7 +678,9 @@ fn udp_echo(opts: &Opts, rest: &[String]) -> Checked {
     let sid = s.connect_udp(&host, port)?;
     s.await_2xx(sid)?;
     // RFC 9298 §3 / RFC 9297 §3.4: the 2xx carries Capsule-Protocol: ?1.
-    let cp = s.streams[&sid].header("capsule-protocol").map(str::to_owned);
+    let cp = s.streams[&sid]
+        .header("capsule-protocol")
+        .map(str::to_owned);
     if cp.as_deref() != Some("?1") {
         return Err(format!("2xx without capsule-protocol: ?1 (got {cp:?})"));
     }
@@ -731,7 +746,10 @@ fn udp_echo(opts: &Opts, rest: &[String]) -> Checked {
                     }
                     let st = &s.streams[&sid];
                     if st.ended() {
-                        return Err(format!("tunnel ended early (fin={}, reset={:?})", st.fin, st.reset));
+                        return Err(format!(
+                            "tunnel ended early (fin={}, reset={:?})",
+                            st.fin, st.reset
+                        ));
                     }
                     if !got {
                         s.io(Duration::from_millis(20))?;
@@ -753,8 +771,10 @@ fn udp_echo(opts: &Opts, rest: &[String]) -> Checked {
     let _ = s.conn.stream_send(sid, b"", true);
     let _ = s.conn.close(true, 0x100, b"done");
     let _ = s.flush();
-    Ok(json!({"echoed":echoed,"sizes":sizes,"count":count,"resent":resent,
-              "transport": if via_datagrams {"quic-datagram"} else {"capsule"}}))
+    Ok(
+        json!({"echoed":echoed,"sizes":sizes,"count":count,"resent":resent,
+              "transport": if via_datagrams {"quic-datagram"} else {"capsule"}}),
+    )
 }
 
 fn tcp_echo(opts: &Opts, rest: &[String]) -> Checked {
@@ -826,8 +846,10 @@ fn tcp_echo(opts: &Opts, rest: &[String]) -> Checked {
             body.len()
         ));
     }
-    Ok(json!({"bytes":len,"sha256":sent_hash,"seconds":(secs * 1000.0).round() / 1000.0,
-              "mbit_per_s":((2.0 * len as f64 * 8.0 / secs / 1e6) * 10.0).round() / 10.0}))
+    Ok(
+        json!({"bytes":len,"sha256":sent_hash,"seconds":(secs * 1000.0).round() / 1000.0,
+              "mbit_per_s":((2.0 * len as f64 * 8.0 / secs / 1e6) * 10.0).round() / 10.0}),
+    )
 }
 
 fn parallel(opts: &Opts, rest: &[String]) -> Checked {
@@ -891,7 +913,10 @@ fn parallel(opts: &Opts, rest: &[String]) -> Checked {
             break;
         }
         if Instant::now() > overall {
-            return Err(format!("only {done}/{n} tunnels completed in {:?}", opts.timeout * 3));
+            return Err(format!(
+                "only {done}/{n} tunnels completed in {:?}",
+                opts.timeout * 3
+            ));
         }
         if s.conn.is_closed() {
             return Err(format!("connection closed: peer={:?}", s.conn.peer_error()));
@@ -905,7 +930,10 @@ fn parallel(opts: &Opts, rest: &[String]) -> Checked {
 
 fn expect_status(opts: &Opts, rest: &[String]) -> Checked {
     let f = Flags::parse(rest, &["no-authority", "no-token", "udp"])?;
-    let want: u16 = f.req("status")?.parse().map_err(|_| "--status: not a number")?;
+    let want: u16 = f
+        .req("status")?
+        .parse()
+        .map_err(|_| "--status: not a number")?;
     let or_reset: Option<u64> = match f.get("or-reset") {
         None => None,
         Some(v) => Some(
@@ -977,13 +1005,12 @@ fn expect_status(opts: &Opts, rest: &[String]) -> Checked {
     };
     // The connection must survive a refused request (RFC 9114 §8: stream errors stay on the stream).
     if result.is_ok() {
-        let probe = s.request(
-            &[
-                quiche::h3::Header::new(b":method", b"CONNECT"),
-                quiche::h3::Header::new(b":authority", b"127.0.0.1:0"),
-            ],
-            true,
-        )?;
+        let mut hs = vec![
+            quiche::h3::Header::new(b":method", b"CONNECT"),
+            quiche::h3::Header::new(b":authority", b"127.0.0.1:0"),
+        ];
+        s.auth(&mut hs);
+        let probe = s.request(&hs, true)?;
         s.run_until(
             |s| s.streams[&probe].headers.is_some() || s.streams[&probe].reset.is_some(),
             "a second request on the same connection",
@@ -1010,7 +1037,10 @@ fn tcp_send(opts: &Opts, rest: &[String]) -> Checked {
     let sid = s.classic_connect(&target)?;
     s.await_2xx(sid)?;
     s.send_all(sid, &data, true)?;
-    s.run_until(|s| s.streams[&sid].ended(), "the destination's reply and FIN")?;
+    s.run_until(
+        |s| s.streams[&sid].ended(),
+        "the destination's reply and FIN",
+    )?;
     let st = &s.streams[&sid];
     if let Some(code) = st.reset {
         return Err(format!("stream reset 0x{code:x}"));

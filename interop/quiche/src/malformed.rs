@@ -195,10 +195,14 @@ fn cases(c: &Ctx) -> Vec<Case> {
     });
 
     // RFC 9220 §4 / RFC 9114 §4.3.1: extended CONNECT needs :scheme and :path.
-    let hs: Vec<Header> = c.udp().into_iter().filter(|h| {
-        use quiche::h3::NameValue;
-        h.name() != b":path"
-    }).collect();
+    let hs: Vec<Header> = c
+        .udp()
+        .into_iter()
+        .filter(|h| {
+            use quiche::h3::NameValue;
+            h.name() != b":path"
+        })
+        .collect();
     v.push(Case {
         name: "extended-connect-without-path",
         rule: "RFC 9220 §4, RFC 9114 §4.1.2",
@@ -346,7 +350,11 @@ fn cases(c: &Ctx) -> Vec<Case> {
         actions: vec![
             headers(0, c.udp(), false),
             wait(0, StreamEventType::Headers),
-            data(0, capsule(0x17, b"reserved capsule type 0x29*N+0x17"), false),
+            data(
+                0,
+                capsule(0x17, b"reserved capsule type 0x29*N+0x17"),
+                false,
+            ),
             data(0, capsule(0x2a_0000, b"large unknown type"), false),
             data(0, udp_capsule(b"after-unknown-capsule"), false),
             wait(0, StreamEventType::Data),
@@ -478,12 +486,10 @@ fn seen(s: &ConnectionSummary, stream: u64) -> Seen {
     let mut out = Seen::default();
     for f in s.stream_map.stream(stream) {
         match f {
-            H3iFrame::Headers(h) => {
-                if out.status.is_none() {
-                    out.status = h
-                        .status_code()
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
-                }
+            H3iFrame::Headers(h) if out.status.is_none() => {
+                out.status = h
+                    .status_code()
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
             }
             H3iFrame::QuicheH3(Frame::Data { payload }) => out.body.extend_from_slice(&payload),
             H3iFrame::ResetStream(r) => out.reset = Some(r.error_code),
@@ -523,7 +529,11 @@ fn judge(case: &Case, s: &ConnectionSummary) -> Result<String, String> {
             (None, Some(H3_MESSAGE_ERROR)) => {
                 notes.push("H3_MESSAGE_ERROR reset (inside h3)".into())
             }
-            _ => return Err(format!("expected {want} or H3_MESSAGE_ERROR reset; got {observed}")),
+            _ => {
+                return Err(format!(
+                    "expected {want} or H3_MESSAGE_ERROR reset; got {observed}"
+                ))
+            }
         },
         Expect::Reset(code) => {
             if x.reset != Some(code) {
@@ -545,14 +555,21 @@ fn judge(case: &Case, s: &ConnectionSummary) -> Result<String, String> {
                 || x.reset.is_some()
                 || !contains(&x.body, &udp_capsule(want))
             {
-                return Err(format!("expected the tunnel to echo {:?}; got {observed}", String::from_utf8_lossy(want)));
+                return Err(format!(
+                    "expected the tunnel to echo {:?}; got {observed}",
+                    String::from_utf8_lossy(want)
+                ));
             }
             notes.push("tunnel survived, echo ok".into());
         }
         Expect::ConnectionError(code) => {
             return match peer_err {
-                Some((true, c)) if c == code => Ok(format!("connection closed with 0x{c:x} as specified")),
-                other => Err(format!("expected connection error 0x{code:x}; got {other:?}")),
+                Some((true, c)) if c == code => {
+                    Ok(format!("connection closed with 0x{c:x} as specified"))
+                }
+                other => Err(format!(
+                    "expected connection error 0x{code:x}; got {other:?}"
+                )),
             };
         }
         Expect::Nothing => {}
@@ -568,10 +585,16 @@ fn judge(case: &Case, s: &ConnectionSummary) -> Result<String, String> {
         let u = seen(s, PROBE_UDP);
         let t = seen(s, PROBE_TCP);
         if !matches!(u.status, Some(200..=299)) || !contains(&u.body, &udp_capsule(b"probe-udp")) {
-            return Err(format!("connection did not carry a new UDP tunnel: {}; {observed}", describe(&u)));
+            return Err(format!(
+                "connection did not carry a new UDP tunnel: {}; {observed}",
+                describe(&u)
+            ));
         }
         if !matches!(t.status, Some(200..=299)) || t.body != b"probe-tcp" {
-            return Err(format!("connection did not carry a new TCP tunnel: {}; {observed}", describe(&t)));
+            return Err(format!(
+                "connection did not carry a new TCP tunnel: {}; {observed}",
+                describe(&t)
+            ));
         }
         notes.push("connection + new UDP and TCP tunnels ok".into());
     }
@@ -670,7 +693,14 @@ fn run_case(opts: &Opts, ctx: &Ctx, case: &Case) -> Result<String, String> {
     match rx.recv_timeout(opts.timeout * 3) {
         Ok(Ok(Ok(summary))) => judge(case, &summary),
         Ok(Ok(Err(e))) => Err(format!("h3i connection failed: {e:?}")),
-        Ok(Err(_)) => Err("h3i panicked (see stderr)".into()),
+        Ok(Err(panic)) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("?");
+            Err(format!("h3i panicked: {msg}"))
+        }
         Err(_) => Err(format!("case not finished within {:?}", opts.timeout * 3)),
     }
 }
