@@ -95,7 +95,17 @@ pub async fn serve_connection(
                     let quic = quic.clone();
                     let router = router.clone();
                     tasks.spawn(requests.track_future(async move {
-                        let (req, stream) = match resolver.resolve_request().await {
+                        // RFC 9114 §10.5: bound how long a request stream may sit without a
+                        // complete header section (opening stream N implicitly opens all below it).
+                        let header_wait = core.config.handshake_timeout();
+                        let resolved = match tokio::time::timeout(header_wait, resolver.resolve_request()).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                metrics::counter!(m::DROPS, "reason" => "request_header_timeout").increment(1);
+                                return;
+                            }
+                        };
+                        let (req, stream) = match resolved {
                             Ok(r) => r,
                             Err(e) => {
                                 // Malformed request heads (including unknown :protocol values) are

@@ -13,7 +13,11 @@ fn config_loader_corpus_replays_clean() {
         .unwrap_or_else(|e| panic!("corpus directory {} is missing: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .collect();
-    assert!(!entries.is_empty(), "corpus directory {} is empty", dir.display());
+    assert!(
+        !entries.is_empty(),
+        "corpus directory {} is empty",
+        dir.display()
+    );
     for path in entries {
         let data = std::fs::read(&path).unwrap();
         cfr_relay::config::fuzz_config(&data);

@@ -19,7 +19,11 @@ pub struct NetNs {
 impl NetNs {
     pub fn create() -> NetNs {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("cfr-t-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "cfr-t-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let out = Command::new("ip")
             .args(["netns", "add", &name])
             .output()
@@ -36,7 +40,11 @@ impl NetNs {
 
     /// Runs `ip -n NS <args>`, panicking with its stderr on failure.
     pub fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip").args(["-n", &self.name]).args(args).output().unwrap();
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "`ip -n {} {}` failed: {}",
@@ -49,7 +57,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -67,7 +77,11 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     if in_child() {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(body());
         println!("{CHILD_DONE}");
         return;
@@ -87,7 +101,14 @@ where
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("--- child stdout ---\n{stdout}--- child stderr ---\n{stderr}");
-    assert!(out.status.success(), "the test body inside namespace {} failed", ns.name);
+    assert!(
+        out.status.success(),
+        "the test body inside namespace {} failed",
+        ns.name
+    );
     // A filter that matched nothing would "pass" with zero tests.
-    assert!(stdout.contains(CHILD_DONE), "the child did not run the test body {test_name}");
+    assert!(
+        stdout.contains(CHILD_DONE),
+        "the child did not run the test body {test_name}"
+    );
 }

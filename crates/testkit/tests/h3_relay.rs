@@ -491,3 +491,28 @@ async fn dropping_client_right_after_shutdown_still_delivers_every_byte() {
     );
     assert!(rec.bytes == data, "bytes arrive unchanged");
 }
+
+#[tokio::test]
+async fn a_request_stream_without_complete_headers_is_closed_after_the_handshake_timeout() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.timeouts.handshake_secs = 1).await;
+    let client = relay.client().await;
+    // Borrow the client's QUIC connection through a raw (refused) request.
+    let req = http::Request::builder()
+        .method(http::Method::GET)
+        .uri("https://localhost/")
+        .body(())
+        .unwrap();
+    let raw = client.send_request(req).await.unwrap();
+    // A bidirectional (request) stream with the start of a HEADERS frame (type 0x01, length 16)
+    // and nothing more: RFC 9114 §10.5 lets the relay bound how long it waits for the rest.
+    let (mut send, mut recv) = raw.quic.open_bi().await.unwrap();
+    send.write_all(&[0x01, 0x10]).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16)).await;
+    assert!(
+        ended.is_ok(),
+        "the relay must give up on a stalled request head, not hold the stream"
+    );
+    // The connection itself is fine.
+    tcp_roundtrip(&client, &target(echo.addr()), b"after stalled stream").await;
+}
