@@ -364,9 +364,11 @@ async def cmd_expect_status(a, proto):
         raise Failure(f"error response {status} lacks a Proxy-Status header (RFC 9209)", result)
     if a.proxy_status_error and (ps is None or f"error={a.proxy_status_error}" not in ps):
         raise Failure(f"expected Proxy-Status error={a.proxy_status_error}, got {ps!r}", result)
-    if not end:
+    if not end and status < 300:
         proto.h3.send_data(sid, b"", end_stream=True)
         proto.transmit()
+    # After an error response the relay has ended the exchange (FIN + STOP_SENDING, RFC 9114
+    # §4.1); there is nothing to half-close.
     return result
 
 
