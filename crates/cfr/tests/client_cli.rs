@@ -1,31 +1,21 @@
 //! `cfr client` as a process: flags, errors, and real local clients (Debian curl, headless
 //! Chromium) through its SOCKS5 / HTTP proxy listeners and an in-process relay to an HTTPS origin.
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cfr_testkit::browser::{
+    chromium_dump_dom, curl, origin_bind, resolve_localhost_to_origin_ip, run_group,
+};
 use cfr_testkit::origins::{HttpsOrigin, TcpEcho, PAGE_HTML, ROOT_BODY};
 use cfr_testkit::relay::TestRelay;
+use cfr_testkit::tunnels::{lo, LIMIT};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 const CFR: &str = env!("CARGO_BIN_EXE_cfr");
-const LIMIT: Duration = Duration::from_secs(20);
-
-fn lo() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-/// The HTTPS origin listens on 127.0.0.5 and only the relay maps `localhost` there: a client that
-/// resolved `localhost` itself or bypassed the proxy would find nothing listening on 127.0.0.1, so
-/// a successful fetch proves the name went through the proxy to the relay (socks5h semantics).
-const ORIGIN_IP: &str = "127.0.0.5";
-
-fn origin_bind() -> SocketAddr {
-    SocketAddr::new(ORIGIN_IP.parse().unwrap(), 0)
-}
 
 /// A running `cfr client`; killed on drop.
 struct CfrClient {
@@ -109,15 +99,10 @@ fn json_addr(line: &str, key: &str) -> Option<SocketAddr> {
     rest[..rest.find('"')?].parse().ok()
 }
 
-/// A relay that also resolves `localhost` (what curl and Chromium send) to [`ORIGIN_IP`], and the
-/// client flags that trust and authenticate to it.
+/// A relay that also resolves `localhost` (what curl and Chromium send) to
+/// [`cfr_testkit::browser::ORIGIN_IP`], and the client flags that trust and authenticate to it.
 async fn relay_and_flags(dir: &Path) -> (TestRelay, Vec<String>) {
-    let relay = TestRelay::start_with(|cfg| {
-        cfg.resolver
-            .hosts
-            .insert("localhost".into(), vec![ORIGIN_IP.parse().unwrap()]);
-    })
-    .await;
+    let relay = TestRelay::start_with(resolve_localhost_to_origin_ip).await;
     let token = dir.join("token");
     std::fs::write(&token, format!("  {}\n", relay.token)).unwrap();
     let flags = vec![
@@ -129,59 +114,6 @@ async fn relay_and_flags(dir: &Path) -> (TestRelay, Vec<String>) {
         token.display().to_string(),
     ];
     (relay, flags)
-}
-
-/// Runs `cmd` (its own process group) for at most `limit`; on overrun the whole group is killed.
-/// Returns (exit ok, stdout, stderr), or Err on timeout.
-async fn run_group(mut cmd: Command, limit: Duration) -> Result<(bool, String, String), String> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e} (interop/setup.sh installs it)"))?;
-    let pgid = child.id().expect("just spawned");
-    let _group = GroupGuard(pgid);
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let io = async {
-        let (mut o, mut e) = (Vec::new(), Vec::new());
-        let _ = tokio::join!(stdout.read_to_end(&mut o), stderr.read_to_end(&mut e));
-        let status = child.wait().await;
-        (status, o, e)
-    };
-    match tokio::time::timeout(limit, io).await {
-        Ok((status, o, e)) => Ok((
-            status.map(|s| s.success()).unwrap_or(false),
-            String::from_utf8_lossy(&o).into_owned(),
-            String::from_utf8_lossy(&e).into_owned(),
-        )),
-        Err(_) => Err(format!(
-            "{cmd:?} did not finish within {limit:?}; process group killed"
-        )),
-    }
-}
-
-/// Kills a process group on drop (children such as Chromium's renderers included).
-struct GroupGuard(u32);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.0)])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-async fn curl(args: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new("/usr/bin/curl");
-    cmd.args(["-sS", "--max-time", "20"]).args(args);
-    run_group(cmd, Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,12 +176,6 @@ async fn cli_curl_fetches_https_origin_through_socks5_and_http_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_headless_chromium_loads_https_page_through_socks5() {
-    for tool in ["/usr/bin/chromium", "/usr/bin/certutil"] {
-        assert!(
-            Path::new(tool).exists(),
-            "{tool} is missing: run interop/setup.sh (installs chromium and libnss3-tools)"
-        );
-    }
     let dir = tempfile::tempdir().unwrap();
     let origin = HttpsOrigin::start(origin_bind()).await;
     let (_relay, flags) = relay_and_flags(dir.path()).await;
@@ -258,71 +184,20 @@ async fn cli_headless_chromium_loads_https_page_through_socks5() {
     let client = CfrClient::start(&args).await;
     let socks = client.socks.unwrap();
 
-    // Chromium on Linux trusts the NSS db in $HOME/.pki/nssdb: a fresh HOME with only our CA.
-    let home = dir.path().join("home");
-    let nssdb = home.join(".pki/nssdb");
-    std::fs::create_dir_all(&nssdb).unwrap();
-    let db = format!("sql:{}", nssdb.display());
-    for certutil_args in [
-        vec!["-d", &db, "-N", "--empty-password"],
-        vec![
-            "-d",
-            &db,
-            "-A",
-            "-n",
-            "cfr-test",
-            "-t",
-            "C,,",
-            "-i",
-            origin.ca_pem_path().to_str().unwrap(),
-        ],
-    ] {
-        let mut cmd = Command::new("/usr/bin/certutil");
-        cmd.args(&certutil_args).env("HOME", &home);
-        let (ok, _, err) = run_group(cmd, LIMIT)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(ok, "certutil {certutil_args:?}: {err}");
-    }
-
-    let url = origin.localhost_url("/page.html");
-    let profile: PathBuf = dir.path().join("profile");
-    let mut cmd = Command::new("/usr/bin/chromium");
-    cmd.env("HOME", &home)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-quic",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        // With a SOCKS5 proxy Chromium sends host names to the proxy (socks5h semantics).
-        .arg(format!("--proxy-server=socks5://{socks}"))
-        // Chromium never proxies loopback unless told to: this origin is on loopback.
-        .arg("--proxy-bypass-list=<-loopback>")
-        .args(["--dump-dom", &url]);
-    let (ok, dom, err) = run_group(cmd, Duration::from_secs(90))
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "Chromium could not load the page: {e}\ncfr client stderr:\n{}",
-                client.stderr()
-            )
-        });
     let text = String::from_utf8_lossy(PAGE_HTML);
     let marker = "cfr-testkit origin: hello";
     assert!(text.contains(marker));
-    assert!(
-        ok && dom.contains(marker),
-        "Chromium --dump-dom must contain {marker:?}; exit ok={ok}\nDOM:\n{dom}\nchromium stderr (tail):\n{}\ncfr client stderr:\n{}",
-        err.lines().rev().take(30).collect::<Vec<_>>().join("\n"),
-        client.stderr()
-    );
+    // Chromium trusts only the origin's CA; the SOCKS5 hop has no TLS.
+    chromium_dump_dom(
+        &format!("socks5://{socks}"),
+        &[],
+        &[("cfr-test", origin.ca_pem_path())],
+        &origin.localhost_url("/page.html"),
+        marker,
+        Duration::from_secs(90),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\ncfr client stderr:\n{}", client.stderr()));
     let reqs = origin.requests();
     assert!(
         reqs.iter()

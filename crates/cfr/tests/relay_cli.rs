@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cfr_client::{ClientConfig, ClientError, RelayClient, Trust};
-use cfr_proto::{Host, ProxyError, Target};
+use cfr_client::{ClientConfig, RelayClient, Trust};
+use cfr_proto::{ProxyError, Target};
 use cfr_testkit::origins::{pattern_fill, TcpEcho, UdpEcho};
+use cfr_testkit::relay::{named, target};
+use cfr_testkit::tunnels::{lo, refused, status_and_error, tcp_roundtrip, udp_roundtrip};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,24 +20,6 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 fn cfr() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cfr"))
-}
-
-fn lo() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-fn target(addr: SocketAddr) -> Target {
-    Target {
-        host: Host::Ip(addr.ip()),
-        port: addr.port(),
-    }
-}
-
-fn named(name: &str, port: u16) -> Target {
-    Target {
-        host: Host::Name(name.into()),
-        port,
-    }
 }
 
 /// A `cfr relay` child process, killed on drop if it is still running.
@@ -153,44 +137,8 @@ impl Drop for RelayProc {
     }
 }
 
-async fn tcp_roundtrip(client: &RelayClient, t: &Target, msg: &[u8]) {
-    let mut tunnel = tokio::time::timeout(LIMIT, client.connect_tcp(t))
-        .await
-        .expect("tunnel answer within the limit")
-        .unwrap_or_else(|e| panic!("tunnel to {t} should open: {e}"));
-    tunnel.write_all(msg).await.unwrap();
-    tunnel.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, tunnel.read_to_end(&mut back))
-        .await
-        .expect("echo within the limit")
-        .unwrap();
-    assert_eq!(back, msg, "TCP echo through the relay must be byte-exact");
-}
-
-async fn udp_roundtrip(client: &RelayClient, t: &Target, msg: &[u8]) {
-    let tunnel = client.connect_udp(t).await.expect("UDP tunnel opens");
-    for _ in 0..10 {
-        tunnel.send(msg).await.unwrap();
-        if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_millis(500), tunnel.recv()).await {
-            assert_eq!(&b[..], msg);
-            return;
-        }
-    }
-    panic!("UDP echo through the relay did not come back");
-}
-
 async fn refusal(client: &RelayClient, t: &Target, udp: bool) -> (Option<u16>, Option<ProxyError>) {
-    let res = if udp {
-        client.connect_udp(t).await.map(|_| ())
-    } else {
-        client.connect_tcp(t).await.map(|_| ())
-    };
-    match res {
-        Err(e @ ClientError::Refused { .. }) => (e.status().map(|s| s.as_u16()), e.proxy_error()),
-        Err(e) => panic!("expected an HTTP refusal for {t}, got {e}"),
-        Ok(()) => panic!("expected a refusal for {t}, the tunnel opened"),
-    }
+    status_and_error(&refused(client, t, udp).await)
 }
 
 fn closed_port() -> SocketAddr {
@@ -525,7 +473,7 @@ async fn json_logs_never_link_a_client_address_to_a_destination_or_name_an_egres
         b"by name",
     )
     .await;
-    udp_roundtrip(&client, &target(uecho.addr()), b"udp").await;
+    udp_roundtrip(&client, &target(uecho.addr()), &[b"udp".to_vec()]).await;
     let failures = [
         (target(closed), false, Some(502)),
         (target("10.0.0.1:80".parse().unwrap()), false, Some(403)),
@@ -746,7 +694,7 @@ async fn metrics_count_tunnels_bytes_refusals_and_drain_without_identifying_labe
     let client = relay.client().await;
     let payload = vec![0x33u8; 100_000];
     tcp_roundtrip(&client, &named("origin.test", echo.addr().port()), &payload).await;
-    udp_roundtrip(&client, &target(uecho.addr()), b"datagram").await;
+    udp_roundtrip(&client, &target(uecho.addr()), &[b"datagram".to_vec()]).await;
     // RFC 9298 §4: a datagram with an unknown context ID is dropped (and counted).
     let udp = client.connect_udp(&target(uecho.addr())).await.unwrap();
     udp.send_unknown_context(7, b"not for the destination")
@@ -795,53 +743,57 @@ async fn metrics_count_tunnels_bytes_refusals_and_drain_without_identifying_labe
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let expect_at_least = |name: &str, labels: &[(&str, &str)], n: f64| {
+    // (series, labels, at least)
+    type Floor<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+    let at_least: [Floor<'_>; 12] = [
+        ("cfr_connections_total", &[], 2.0),
+        (
+            "cfr_tunnels_total",
+            &[("kind", "tcp"), ("outcome", "ok")],
+            1.0,
+        ),
+        (
+            "cfr_tunnels_total",
+            &[("kind", "udp"), ("outcome", "ok")],
+            1.0,
+        ),
+        (
+            "cfr_tunnels_total",
+            &[("outcome", "destination_ip_prohibited")],
+            1.0,
+        ),
+        (
+            "cfr_tunnels_total",
+            &[("outcome", "connection_refused")],
+            1.0,
+        ),
+        (
+            "cfr_tunnels_total",
+            &[("outcome", "http_request_denied")],
+            1.0,
+        ),
+        (
+            "cfr_bytes_total",
+            &[("kind", "tcp"), ("direction", "down")],
+            100_000.0,
+        ),
+        (
+            "cfr_bytes_total",
+            &[("kind", "udp"), ("direction", "up")],
+            8.0,
+        ),
+        ("cfr_datagrams_total", &[("direction", "down")], 1.0),
+        ("cfr_policy_refusals_total", &[], 1.0),
+        ("cfr_auth_failures_total", &[], 1.0),
+        ("cfr_egress_addresses_issued_total", &[], 2.0),
+    ];
+    for (name, labels, n) in at_least {
         let v = sample_sum(&after, name, labels);
         assert!(
             v >= n,
             "{name}{labels:?} = {v}, expected at least {n}:\n{after}"
         );
-    };
-    expect_at_least("cfr_connections_total", &[], 2.0);
-    expect_at_least(
-        "cfr_tunnels_total",
-        &[("kind", "tcp"), ("outcome", "ok")],
-        1.0,
-    );
-    expect_at_least(
-        "cfr_tunnels_total",
-        &[("kind", "udp"), ("outcome", "ok")],
-        1.0,
-    );
-    expect_at_least(
-        "cfr_tunnels_total",
-        &[("outcome", "destination_ip_prohibited")],
-        1.0,
-    );
-    expect_at_least(
-        "cfr_tunnels_total",
-        &[("outcome", "connection_refused")],
-        1.0,
-    );
-    expect_at_least(
-        "cfr_tunnels_total",
-        &[("outcome", "http_request_denied")],
-        1.0,
-    );
-    expect_at_least(
-        "cfr_bytes_total",
-        &[("kind", "tcp"), ("direction", "down")],
-        100_000.0,
-    );
-    expect_at_least(
-        "cfr_bytes_total",
-        &[("kind", "udp"), ("direction", "up")],
-        8.0,
-    );
-    expect_at_least("cfr_datagrams_total", &[("direction", "down")], 1.0);
-    expect_at_least("cfr_policy_refusals_total", &[], 1.0);
-    expect_at_least("cfr_auth_failures_total", &[], 1.0);
-    expect_at_least("cfr_egress_addresses_issued_total", &[], 2.0);
+    }
     drop(udp);
     assert_eq!(sample_sum(&after, "cfr_draining", &[]), 0.0);
 

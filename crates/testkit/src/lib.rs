@@ -1,6 +1,8 @@
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod netns;
 pub mod origins;
 pub mod relay;
 pub mod tcp_client;
+pub mod tunnels;

@@ -8,26 +8,13 @@ use std::time::{Duration, Instant};
 
 use cfr_client::select::{Policy, RelaySet};
 use cfr_client::{ClientConfig, DatagramMode, TunnelOpener};
+use cfr_testkit::browser::{curl, origin_bind, resolve_localhost_to_origin_ip};
 use cfr_testkit::origins::{HttpsOrigin, TcpEcho, UdpEcho, ROOT_BODY};
 use cfr_testkit::relay::{named, TestRelay, ORIGIN_NAME};
+use cfr_testkit::tunnels::{lo, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
-
-const LIMIT: Duration = Duration::from_secs(20);
-
-fn lo() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-/// The HTTPS origin listens on 127.0.0.5 and only the relay maps `localhost` there: a client that
-/// resolved `localhost` itself or bypassed the proxy would find nothing listening on 127.0.0.1, so
-/// a successful fetch proves the name went through the proxy to the relay (socks5h semantics).
-const ORIGIN_IP: &str = "127.0.0.5";
-
-fn origin_bind() -> SocketAddr {
-    SocketAddr::new(ORIGIN_IP.parse().unwrap(), 0)
-}
 
 /// Local SOCKS5 and HTTP CONNECT listeners on loopback over `opener`; stopped on drop.
 struct Proxies {
@@ -62,36 +49,6 @@ impl Drop for Proxies {
             t.abort();
         }
     }
-}
-
-/// A relay whose resolver also maps `localhost` (what curl and Chromium send) to [`ORIGIN_IP`].
-async fn relay_with_localhost() -> TestRelay {
-    TestRelay::start_with(|cfg| {
-        cfg.resolver
-            .hosts
-            .insert("localhost".into(), vec![ORIGIN_IP.parse().unwrap()]);
-    })
-    .await
-}
-
-/// Runs a command with a bound; kills it if it overruns. Returns (status ok, stdout, stderr).
-async fn run_bounded(cmd: &mut tokio::process::Command) -> (bool, String, String) {
-    cmd.kill_on_drop(true)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (interop/setup.sh installs it)"));
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{cmd:?} did not finish within 30 s"))
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// SOCKS5 "no auth" greeting + request; returns the stream and the reply code.
@@ -158,52 +115,29 @@ async fn read_all(s: &mut TcpStream) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_fetches_https_origin_via_socks5h_and_http_connect() {
     let origin = HttpsOrigin::start(origin_bind()).await;
-    let relay = relay_with_localhost().await;
+    let relay = TestRelay::start_with(resolve_localhost_to_origin_ip).await;
     let proxies = Proxies::start(relay.client().await, None).await;
     let url = origin.localhost_url("/");
     let ca = origin.ca_pem_path().to_str().unwrap().to_owned();
 
     let socks = format!("127.0.0.1:{}", proxies.socks.port());
-    let (ok, body, err) = run_bounded(tokio::process::Command::new("/usr/bin/curl").args([
-        "-sS",
-        "--max-time",
-        "20",
-        "--socks5-hostname",
-        &socks,
-        "--cacert",
-        &ca,
-        &url,
-    ]))
-    .await;
+    let (ok, body, err) = curl(&["--socks5-hostname", &socks, "--cacert", &ca, &url]).await;
     assert!(ok, "curl --socks5-hostname failed: {err}");
     assert_eq!(body.as_bytes(), ROOT_BODY, "origin body via SOCKS5");
 
     let http = format!("http://127.0.0.1:{}", proxies.http.port());
-    let (ok, body, err) = run_bounded(tokio::process::Command::new("/usr/bin/curl").args([
-        "-sS",
-        "--max-time",
-        "20",
-        "-x",
-        &http,
-        "--cacert",
-        &ca,
-        &url,
-    ]))
-    .await;
+    let (ok, body, err) = curl(&["-x", &http, "--cacert", &ca, &url]).await;
     assert!(ok, "curl -x http:// (CONNECT) failed: {err}");
     assert_eq!(body.as_bytes(), ROOT_BODY, "origin body via HTTP CONNECT");
 
     // Plain http:// through the HTTP proxy is refused by design: the relay only tunnels.
-    let (_, body, _) = run_bounded(tokio::process::Command::new("/usr/bin/curl").args([
-        "-sS",
-        "--max-time",
-        "20",
+    let (_, body, _) = curl(&[
         "-x",
         &http,
         "-w",
         "\n%{http_code}",
         &format!("http://localhost:{}/", origin.addr().port()),
-    ]))
+    ])
     .await;
     assert!(
         body.ends_with("\n501"),

@@ -10,42 +10,12 @@ use cfr_client::RelayClient;
 use cfr_egress::EgressPolicy;
 use cfr_testkit::origins::{TcpEcho, UdpEcho};
 use cfr_testkit::relay::{target, TestRelay};
+use cfr_testkit::tunnels::{lo, tcp_roundtrip, udp_roundtrip, LIMIT};
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const LIMIT: Duration = Duration::from_secs(20);
 const V4_POOL: &str = "127.64.0.0/10";
 const V6_POOL: &str = "2001:db8:cf::/64";
-
-async fn tcp_once(client: &RelayClient, dest: SocketAddr) {
-    let mut t = tokio::time::timeout(LIMIT, client.connect_tcp(&target(dest)))
-        .await
-        .unwrap()
-        .unwrap();
-    t.write_all(b"ping").await.unwrap();
-    t.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, t.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"ping");
-}
-
-async fn udp_once(client: &RelayClient, dest: SocketAddr) {
-    let t = tokio::time::timeout(LIMIT, client.connect_udp(&target(dest)))
-        .await
-        .unwrap()
-        .unwrap();
-    for attempt in 0..5 {
-        t.send(b"ping").await.unwrap();
-        if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), t.recv()).await {
-            assert_eq!(&b[..], b"ping");
-            return;
-        }
-        assert!(attempt < 4, "no UDP echo through the tunnel");
-    }
-}
 
 /// Runs `n` tunnels (`concurrency` at a time) of `kind` and returns nothing; sources are read at
 /// the destination.
@@ -57,9 +27,9 @@ async fn many_tunnels(client: &Arc<RelayClient>, dest: SocketAddr, n: usize, udp
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             if udp {
-                udp_once(&client, dest).await
+                udp_roundtrip(&client, &target(dest), &[b"ping".to_vec()]).await;
             } else {
-                tcp_once(&client, dest).await
+                tcp_roundtrip(&client, &target(dest), b"ping").await
             }
             drop(permit);
         }));
@@ -134,8 +104,8 @@ fn free_udp_port(ip: &str) -> SocketAddr {
 #[tokio::test]
 async fn ipv4_pool_gives_each_tunnel_a_distinct_source_and_hides_the_client() {
     let pool: IpNet = V4_POOL.parse().unwrap();
-    let tcp = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
-    let udp = UdpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let tcp = TcpEcho::start(lo()).await;
+    let udp = UdpEcho::start(lo()).await;
     let relay = TestRelay::start_with(|c| c.egress.prefixes = vec![pool]).await;
     let client_addr = free_udp_port("127.0.0.9");
     let mut cfg = relay.client_config();
@@ -166,7 +136,7 @@ async fn ipv4_pool_gives_each_tunnel_a_distinct_source_and_hides_the_client() {
 #[tokio::test]
 async fn per_connection_policy_shares_one_address_per_client_connection() {
     let pool: IpNet = V4_POOL.parse().unwrap();
-    let tcp = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let tcp = TcpEcho::start(lo()).await;
     let relay = TestRelay::start_with(|c| {
         c.egress.prefixes = vec![pool];
         c.egress.policy = EgressPolicy::PerConnection;
@@ -177,7 +147,7 @@ async fn per_connection_policy_shares_one_address_per_client_connection() {
         let client = relay.client().await;
         let before = tcp.peers().len();
         for _ in 0..5 {
-            tcp_once(&client, tcp.addr()).await;
+            tcp_roundtrip(&client, &target(tcp.addr()), b"ping").await;
         }
         let mine: HashSet<IpAddr> = tcp.peers()[before..].iter().map(|p| p.ip()).collect();
         assert_eq!(
@@ -198,8 +168,8 @@ async fn per_connection_policy_shares_one_address_per_client_connection() {
 #[tokio::test]
 async fn epoch_policy_rotates_for_new_tunnels_and_never_moves_an_open_one() {
     let pool: IpNet = V4_POOL.parse().unwrap();
-    let tcp = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
-    let udp = UdpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let tcp = TcpEcho::start(lo()).await;
+    let udp = UdpEcho::start(lo()).await;
     let relay = TestRelay::start_with(|c| {
         c.egress.prefixes = vec![pool];
         c.egress.policy = EgressPolicy::Epoch;
@@ -214,8 +184,8 @@ async fn epoch_policy_rotates_for_new_tunnels_and_never_moves_an_open_one() {
         .await
         .unwrap()
         .unwrap();
-    tcp_once(&client, tcp.addr()).await;
-    tcp_once(&client, tcp.addr()).await;
+    tcp_roundtrip(&client, &target(tcp.addr()), b"ping").await;
+    tcp_roundtrip(&client, &target(tcp.addr()), b"ping").await;
     let first_epoch: HashSet<IpAddr> = tcp.peers().iter().map(|p| p.ip()).collect();
     assert_eq!(
         first_epoch.len(),
@@ -223,7 +193,7 @@ async fn epoch_policy_rotates_for_new_tunnels_and_never_moves_an_open_one() {
         "tunnels within one epoch share a source"
     );
     tokio::time::sleep(Duration::from_millis(2300)).await;
-    tcp_once(&client, tcp.addr()).await;
+    tcp_roundtrip(&client, &target(tcp.addr()), b"ping").await;
     let after = tcp.peers().last().unwrap().ip();
     assert!(
         !first_epoch.contains(&after),
@@ -246,8 +216,8 @@ async fn epoch_policy_rotates_for_new_tunnels_and_never_moves_an_open_one() {
 #[tokio::test]
 async fn long_tunnels_keep_one_source_throughout() {
     let pool: IpNet = V4_POOL.parse().unwrap();
-    let tcp = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
-    let udp = UdpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let tcp = TcpEcho::start(lo()).await;
+    let udp = UdpEcho::start(lo()).await;
     let relay = TestRelay::start_with(|c| c.egress.prefixes = vec![pool]).await;
     let client = relay.client().await;
 
@@ -293,7 +263,7 @@ async fn long_tunnels_keep_one_source_throughout() {
 async fn dual_stack_names_use_the_family_with_a_pool_and_refuse_mode_answers_502() {
     let pool: IpNet = V4_POOL.parse().unwrap();
     // Listen on both families; only IPv4 has a pool.
-    let v4 = TcpEcho::start("127.0.0.1:0".parse().unwrap()).await;
+    let v4 = TcpEcho::start(lo()).await;
     let relay = TestRelay::start_with(|c| {
         c.egress.prefixes = vec![pool];
         c.egress.fallback = cfr_egress::Fallback::Refuse;

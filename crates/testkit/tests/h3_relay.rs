@@ -2,57 +2,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cfr_client::{ClientError, DatagramMode, RelayClient};
+use cfr_client::{DatagramMode, RelayClient};
 use cfr_proto::ProxyError;
 use cfr_testkit::origins::{dev_pki, tls_client_roundtrip, TcpEcho, TlsSink, UdpEcho};
 use cfr_testkit::relay::{named, target, TestRelay, ORIGIN_NAME};
+use cfr_testkit::tunnels::{lo, refused, tcp_roundtrip, udp_roundtrip, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const LIMIT: Duration = Duration::from_secs(20);
-
-fn lo() -> std::net::SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-async fn tcp_roundtrip(client: &RelayClient, t: &cfr_proto::Target, msg: &[u8]) {
-    let mut tunnel = tokio::time::timeout(LIMIT, client.connect_tcp(t))
-        .await
-        .expect("no timeout")
-        .expect("tunnel opens");
-    tunnel.write_all(msg).await.unwrap();
-    tunnel.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, tunnel.read_to_end(&mut back))
-        .await
-        .expect("echo within limit")
-        .unwrap();
-    assert_eq!(back, msg, "TCP echo through the relay must be byte-exact");
-}
-
-async fn udp_roundtrip(client: &RelayClient, t: &cfr_proto::Target, payloads: &[Vec<u8>]) -> bool {
-    let tunnel = tokio::time::timeout(LIMIT, client.connect_udp(t))
-        .await
-        .expect("no timeout")
-        .expect("udp tunnel opens");
-    for p in payloads {
-        // UDP may drop; retry a few times before calling it a failure.
-        let mut got = None;
-        for _ in 0..5 {
-            tunnel.send(p).await.unwrap();
-            if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(2), tunnel.recv()).await {
-                got = Some(b);
-                break;
-            }
-        }
-        assert_eq!(
-            got.as_deref(),
-            Some(&p[..]),
-            "UDP echo of a {}-byte payload",
-            p.len()
-        );
-    }
-    tunnel.uses_quic_datagrams()
-}
 
 #[tokio::test]
 async fn tcp_tunnel_echoes_by_ip_and_by_name() {
@@ -187,19 +142,6 @@ async fn hundred_concurrent_tunnels_on_one_connection() {
     }
 }
 
-async fn expect_refused(client: &RelayClient, t: &cfr_proto::Target, udp: bool) -> ClientError {
-    let res = if udp {
-        client.connect_udp(t).await.map(|_| ())
-    } else {
-        client.connect_tcp(t).await.map(|_| ())
-    };
-    match res {
-        Err(e @ ClientError::Refused { .. }) => e,
-        Err(other) => panic!("expected a refusal for {t}, got {other}"),
-        Ok(()) => panic!("expected a refusal for {t}, tunnel opened"),
-    }
-}
-
 #[tokio::test]
 async fn errors_get_precise_status_and_the_connection_keeps_working() {
     let echo = TcpEcho::start(lo()).await;
@@ -214,19 +156,19 @@ async fn errors_get_precise_status_and_the_connection_keeps_working() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let e = expect_refused(&client, &target(closed), false).await;
+    let e = refused(&client, &target(closed), false).await;
     assert_eq!(
         (e.status().map(|s| s.as_u16()), e.proxy_error()),
         (Some(502), Some(ProxyError::ConnectionRefused))
     );
 
     // Name that does not resolve.
-    let e = expect_refused(&client, &named("nope.test", 80), false).await;
+    let e = refused(&client, &named("nope.test", 80), false).await;
     assert_eq!(
         (e.status().map(|s| s.as_u16()), e.proxy_error()),
         (Some(502), Some(ProxyError::DnsError))
     );
-    let e = expect_refused(&client, &named("nope.test", 80), true).await;
+    let e = refused(&client, &named("nope.test", 80), true).await;
     assert_eq!(
         (e.status().map(|s| s.as_u16()), e.proxy_error()),
         (Some(502), Some(ProxyError::DnsError))
@@ -239,7 +181,7 @@ async fn errors_get_precise_status_and_the_connection_keeps_working() {
         "[fe80::1]:80",
         "224.0.0.1:5353",
     ] {
-        let e = expect_refused(&client, &target(forbidden.parse().unwrap()), false).await;
+        let e = refused(&client, &target(forbidden.parse().unwrap()), false).await;
         assert_eq!(
             (e.status().map(|s| s.as_u16()), e.proxy_error()),
             (Some(403), Some(ProxyError::DestinationIpProhibited)),
@@ -247,7 +189,7 @@ async fn errors_get_precise_status_and_the_connection_keeps_working() {
         );
     }
     // The relay itself.
-    let e = expect_refused(&client, &target(relay.addr), true).await;
+    let e = refused(&client, &target(relay.addr), true).await;
     assert_eq!(e.status().map(|s| s.as_u16()), Some(403));
 
     // Malformed requests sent raw.
@@ -355,7 +297,7 @@ async fn dns_timeout_is_504() {
     let relay =
         TestRelay::start_with_resolver(dir, cfg, Arc::new(cfr_relay::resolve::NeverResolves)).await;
     let client = relay.client().await;
-    let e = expect_refused(&client, &named("slow.test", 443), false).await;
+    let e = refused(&client, &named("slow.test", 443), false).await;
     assert_eq!(
         (e.status().map(|s| s.as_u16()), e.proxy_error()),
         (Some(504), Some(ProxyError::DnsTimeout))
@@ -372,10 +314,10 @@ async fn missing_or_wrong_token_is_407_with_no_upstream_activity() {
         let mut cfg = relay.client_config();
         cfg.token = token.clone();
         let client = RelayClient::connect(cfg).await.unwrap();
-        let e = expect_refused(&client, &target(echo.addr()), false).await;
+        let e = refused(&client, &target(echo.addr()), false).await;
         assert_eq!(e.status().map(|s| s.as_u16()), Some(407), "token {token:?}");
         assert_eq!(e.proxy_error(), Some(ProxyError::HttpRequestDenied));
-        let e = expect_refused(&client, &target(echo.addr()), true).await;
+        let e = refused(&client, &target(echo.addr()), true).await;
         assert_eq!(e.status().map(|s| s.as_u16()), Some(407));
     }
     assert!(
@@ -452,7 +394,7 @@ async fn tunnel_limits_answer_503_and_free_up() {
     let client = relay.client().await;
     let a = client.connect_tcp(&target(echo.addr())).await.unwrap();
     let _b = client.connect_tcp(&target(echo.addr())).await.unwrap();
-    let e = expect_refused(&client, &target(echo.addr()), false).await;
+    let e = refused(&client, &target(echo.addr()), false).await;
     assert_eq!(
         (e.status().map(|s| s.as_u16()), e.proxy_error()),
         (Some(503), Some(ProxyError::ConnectionLimitReached))

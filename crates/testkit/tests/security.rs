@@ -14,71 +14,11 @@ use cfr_relay::tunnel::RelayCounters;
 use cfr_relay::HostsThenSystem;
 use cfr_testkit::origins::{TcpEcho, UdpEcho};
 use cfr_testkit::relay::{named, target, test_config, TestRelay, ORIGIN_NAME};
+use cfr_testkit::tunnels::{lo, refused, status_and_error, tcp_roundtrip, udp_echo_within, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const LIMIT: Duration = Duration::from_secs(20);
-
-fn lo() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
 
 fn count(c: &AtomicU64) -> u64 {
     RelayCounters::get(c)
-}
-
-async fn tcp_roundtrip(client: &RelayClient, t: &Target, msg: &[u8]) {
-    let mut tunnel = tokio::time::timeout(LIMIT, client.connect_tcp(t))
-        .await
-        .expect("tunnel answer within the limit")
-        .unwrap_or_else(|e| panic!("tunnel to {t} should open, got {e}"));
-    tunnel.write_all(msg).await.unwrap();
-    tunnel.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, tunnel.read_to_end(&mut back))
-        .await
-        .expect("echo within the limit")
-        .unwrap();
-    assert_eq!(back, msg, "TCP echo through the relay must be byte-exact");
-}
-
-/// Sends `payload` through a UDP tunnel until it comes back (UDP may drop), within `limit`.
-async fn udp_echo_within(tunnel: &cfr_client::UdpTunnel, payload: &[u8], limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        tunnel.send(payload).await.unwrap();
-        if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_millis(500), tunnel.recv()).await {
-            if b[..] == *payload {
-                return;
-            }
-        }
-    }
-    panic!(
-        "UDP echo of {} bytes did not come back within {limit:?}",
-        payload.len()
-    );
-}
-
-async fn refused(client: &RelayClient, t: &Target, udp: bool) -> ClientError {
-    let res = if udp {
-        tokio::time::timeout(LIMIT, client.connect_udp(t))
-            .await
-            .expect("answer within the limit")
-            .map(|_| ())
-    } else {
-        tokio::time::timeout(LIMIT, client.connect_tcp(t))
-            .await
-            .expect("answer within the limit")
-            .map(|_| ())
-    };
-    match res {
-        Err(e @ ClientError::Refused { .. }) => e,
-        Err(other) => panic!("expected an HTTP refusal for {t} (udp={udp}), got {other}"),
-        Ok(()) => panic!("expected a refusal for {t} (udp={udp}), the tunnel opened"),
-    }
-}
-
-fn status_and_error(e: &ClientError) -> (Option<u16>, Option<ProxyError>) {
-    (e.status().map(|s| s.as_u16()), e.proxy_error())
 }
 
 fn details(e: &ClientError) -> String {

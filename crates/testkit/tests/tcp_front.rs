@@ -3,21 +3,17 @@
 //! (HTTP/2 CONNECT) and headless Chromium, plus the same refusals the HTTP/3 front-end gives.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use cfr_relay::config::RelayConfig;
+use cfr_testkit::browser::{chromium_dump_dom, curl, run_group};
 use cfr_testkit::origins::{pattern_bytes, HttpsOrigin, TcpEcho, UdpEcho, ROOT_BODY};
 use cfr_testkit::relay::TestRelay;
 use cfr_testkit::tcp_client::{h2_reason, Ask, Front, FrontClient, Tunnel};
+use cfr_testkit::tunnels::{lo, LIMIT};
 use tokio::io::AsyncReadExt;
 
-const LIMIT: Duration = Duration::from_secs(20);
 const FRONTS: [Front; 2] = [Front::H1, Front::H2];
-
-fn lo() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
 
 /// A test relay whose resolver also knows `localhost` (the name the HTTPS origin's certificate
 /// and the external clients use).
@@ -464,47 +460,24 @@ async fn drain_lets_open_tcp_tunnels_finish_and_refuses_new_connections() {
 // Real clients
 // ---------------------------------------------------------------------------------------------
 
-async fn run(cmd: &mut tokio::process::Command, limit: Duration) -> Output {
-    cmd.kill_on_drop(true);
-    let what = format!("{cmd:?}");
-    match tokio::time::timeout(limit, cmd.output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("cannot run {what}: {e} (run interop/setup.sh to install it)"),
-        Err(_) => panic!("{what} did not finish within {limit:?}"),
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[tokio::test]
 async fn debian_curl_fetches_https_through_http1_connect() {
-    let curl = Path::new("/usr/bin/curl");
-    assert!(curl.exists(), "/usr/bin/curl missing: run interop/setup.sh");
     let origin = HttpsOrigin::start(lo()).await;
     let relay = relay_with(|_| {}).await;
-    let out = run(
-        tokio::process::Command::new(curl)
-            .args(["-sS", "--max-time", "20", "-x"])
-            .arg(format!("https://localhost:{}", tcp_addr(&relay).port()))
-            .arg("--proxy-cacert")
-            .arg(&relay.ca_pem)
-            .arg("--proxy-header")
-            .arg(format!("Proxy-Authorization: Bearer {}", relay.token))
-            .arg("--cacert")
-            .arg(origin.ca_pem_path())
-            .arg(origin.url("/")),
-        Duration::from_secs(30),
-    )
+    let (ok, body, err) = curl(&[
+        "-x",
+        &format!("https://localhost:{}", tcp_addr(&relay).port()),
+        "--proxy-cacert",
+        &relay.ca_pem.display().to_string(),
+        "--proxy-header",
+        &format!("Proxy-Authorization: Bearer {}", relay.token),
+        "--cacert",
+        &origin.ca_pem_path().display().to_string(),
+        &origin.url("/"),
+    ])
     .await;
-    assert!(out.status.success(), "curl failed: {}", describe(&out));
-    assert_eq!(out.stdout, ROOT_BODY, "origin body through the relay");
+    assert!(ok, "curl failed: {err}\nstdout: {body}");
+    assert_eq!(body.as_bytes(), ROOT_BODY, "origin body through the relay");
     assert_eq!(
         relay.core().requests_seen("http/1.1"),
         1,
@@ -528,26 +501,25 @@ async fn libcurl_fetches_https_through_http2_connect() {
     );
     let origin = HttpsOrigin::start(lo()).await;
     let relay = relay_with(|_| {}).await;
-    let out = run(
-        tokio::process::Command::new(&python)
-            .arg(dir.join("curl_h3_proxy.py"))
-            .args(["--proxy-type", "h2", "--mode", "tcp", "--timeout", "20"])
-            .arg("--proxy")
-            .arg(format!("localhost:{}", tcp_addr(&relay).port()))
-            .arg("--proxy-ca")
-            .arg(&relay.ca_pem)
-            .arg("--token")
-            .arg(&relay.token)
-            .arg("--ca")
-            .arg(origin.ca_pem_path())
-            .arg("--url")
-            .arg(origin.url("/"))
-            .arg("--expect-body")
-            .arg("cfr-testkit origin: hello\\n"),
-        Duration::from_secs(40),
-    )
-    .await;
-    assert!(out.status.success(), "curl_cffi failed: {}", describe(&out));
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg(dir.join("curl_h3_proxy.py"))
+        .args(["--proxy-type", "h2", "--mode", "tcp", "--timeout", "20"])
+        .arg("--proxy")
+        .arg(format!("localhost:{}", tcp_addr(&relay).port()))
+        .arg("--proxy-ca")
+        .arg(&relay.ca_pem)
+        .arg("--token")
+        .arg(&relay.token)
+        .arg("--ca")
+        .arg(origin.ca_pem_path())
+        .arg("--url")
+        .arg(origin.url("/"))
+        .arg("--expect-body")
+        .arg("cfr-testkit origin: hello\\n");
+    let (ok, out, err) = run_group(cmd, Duration::from_secs(40))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ok, "curl_cffi failed:\nstdout: {out}\nstderr: {err}");
     assert_eq!(
         (
             relay.core().requests_seen("h2"),
@@ -559,84 +531,25 @@ async fn libcurl_fetches_https_through_http2_connect() {
     assert_eq!(origin.requests().len(), 1);
 }
 
-/// Adds a CA to a fresh NSS database (what Chromium on Linux trusts) under `home`.
-async fn nss_trust(home: &Path, cas: &[(&str, &Path)]) {
-    let db = home.join(".pki/nssdb");
-    std::fs::create_dir_all(&db).unwrap();
-    let db_arg = format!("sql:{}", db.display());
-    let out = run(
-        tokio::process::Command::new("certutil").args(["-N", "--empty-password", "-d", &db_arg]),
-        Duration::from_secs(20),
-    )
-    .await;
-    assert!(out.status.success(), "certutil -N: {}", describe(&out));
-    for (name, pem) in cas {
-        let out = run(
-            tokio::process::Command::new("certutil")
-                .args(["-A", "-t", "C,,", "-n", name, "-d", &db_arg, "-i"])
-                .arg(pem),
-            Duration::from_secs(20),
-        )
-        .await;
-        assert!(
-            out.status.success(),
-            "certutil -A {name}: {}",
-            describe(&out)
-        );
-    }
-}
-
 #[tokio::test]
 async fn headless_chromium_loads_a_page_through_the_relay() {
-    let chromium = Path::new("/usr/bin/chromium");
-    assert!(
-        chromium.exists(),
-        "/usr/bin/chromium missing: run interop/setup.sh"
-    );
     let origin = HttpsOrigin::start(lo()).await;
     // Chromium cannot send a bearer token to a proxy from its command line, so this relay is
     // open; the destination policy still only allows loopback.
     let relay = relay_with(|c| c.auth.insecure_open_relay = true).await;
-    let home = tempfile::tempdir().unwrap();
-    nss_trust(
-        home.path(),
+    chromium_dump_dom(
+        &format!("https://localhost:{}", tcp_addr(&relay).port()),
+        &[],
         &[
             ("cfr relay CA", &relay.ca_pem),
             ("cfr origin CA", origin.ca_pem_path()),
         ],
-    )
-    .await;
-    let profile = home.path().join("profile");
-    let out = run(
-        tokio::process::Command::new(chromium)
-            .env("HOME", home.path())
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                // Loopback destinations bypass proxies by default; this test wants them proxied.
-                "--proxy-bypass-list=<-loopback>",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(format!(
-                "--proxy-server=https://localhost:{}",
-                tcp_addr(&relay).port()
-            ))
-            .arg("--dump-dom")
-            .arg(origin.url("/page.html")),
+        &origin.url("/page.html"),
+        "cfr-testkit origin: hello",
         Duration::from_secs(60),
     )
-    .await;
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        dom.contains("cfr-testkit origin: hello"),
-        "Chromium did not render the origin page through the relay: {}",
-        describe(&out)
-    );
+    .await
+    .unwrap_or_else(|e| panic!("Chromium did not render the origin page through the relay: {e}"));
     let seen = relay.core().requests_seen("h2") + relay.core().requests_seen("http/1.1");
     assert!(seen >= 1, "the page came through the relay's TCP front-end");
     eprintln!(
