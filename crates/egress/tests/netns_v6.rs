@@ -1,130 +1,53 @@
 //! IPv6 egress end to end, inside a network namespace this test creates (needs root and iproute2, as
 //! in CI; the test FAILS, never skips, when it cannot create the namespace).
 //!
-//! The parent process creates `cfr-egress-<pid>-<n>`, brings `lo` up with MTU 1280, routes
-//! 2001:db8:cf::/64 locally (`ip -6 route add local 2001:db8:cf::/64 dev lo`, the setup an operator
-//! does), then re-executes this test binary inside it (`ip netns exec NS <exe> --exact <test>`), with
-//! `CFR_EGRESS_NETNS_CHILD=1` marking the child. The child draws 1000 sources for UDP and 1000 for TCP
-//! tunnels to servers on [::1] and checks what the servers see. Only ::1 and the documentation prefix
-//! are used; no other network is touched. The namespace is deleted by a drop guard.
+//! `cfr_testkit::netns::run_in_netns` creates the namespace, brings `lo` up; this test sets its MTU
+//! to 1280 and routes 2001:db8:cf::/64 locally (`ip -6 route add local 2001:db8:cf::/64 dev lo`, the
+//! setup an operator does), then the test binary is re-executed inside it. The child draws 1000
+//! sources for UDP and 1000 for TCP tunnels to servers on [::1] and checks what the servers see.
+//! Only ::1 and the documentation prefix are used; no other network is touched. The namespace is
+//! deleted by a drop guard.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cfr_egress::{bind_udp, check, connect_tcp, EgressConfig, EgressPool, Fallback};
+use cfr_testkit::netns::run_in_netns;
 use ipnet::IpNet;
 use tokio::time::timeout;
 
-const CHILD_ENV: &str = "CFR_EGRESS_NETNS_CHILD";
-const TEST_NAME: &str = "ipv6_tunnels_leave_from_distinct_prefix_addresses_in_netns";
 const PREFIX: &str = "2001:db8:cf::/64";
 const TUNNELS: usize = 1000;
-const CHILD_DONE: &str = "cfr-egress netns child: all checks passed";
 const WAIT: Duration = Duration::from_secs(5);
-
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn create() -> NetNs {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "cfr-egress-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("could not run `ip` (iproute2 is required for the IPv6 egress test)");
-        assert!(
-            out.status.success(),
-            "could not create network namespace {name} (the IPv6 egress test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        NetNs { name }
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip")
-            .args(["-n", &self.name])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "`ip -n {} {}` failed: {}",
-            self.name,
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 #[test]
 fn ipv6_tunnels_leave_from_distinct_prefix_addresses_in_netns() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return child();
-    }
-    let ns = NetNs::create();
-    ns.ip(&["link", "set", "lo", "up"]);
-    // A small MTU lets the child prove that oversize datagrams fail instead of being fragmented.
-    ns.ip(&["link", "set", "lo", "mtu", "1280"]);
-    ns.ip(&["-6", "route", "add", "local", PREFIX, "dev", "lo"]);
+    run_in_netns(
+        "ipv6_tunnels_leave_from_distinct_prefix_addresses_in_netns",
+        &[
+            // A small MTU lets the child prove that oversize datagrams fail instead of being
+            // fragmented.
+            &["link", "set", "lo", "mtu", "1280"],
+            &["-6", "route", "add", "local", PREFIX, "dev", "lo"],
+        ],
+        || async {
+            let net: IpNet = PREFIX.parse().unwrap();
+            let cfg = EgressConfig {
+                prefixes: vec![net],
+                fallback: Fallback::Refuse,
+                ..EgressConfig::default()
+            };
+            let report = check::diagnose(&cfg);
+            println!("{report}");
+            assert!(report.ok(), "egress check failed inside the namespace");
 
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(&exe)
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("--- child stdout ---\n{stdout}--- child stderr ---\n{stderr}");
-    assert!(out.status.success(), "the child inside {} failed", ns.name);
-    // Guard against a filter that matched nothing (libtest then succeeds with 0 tests).
-    assert!(
-        stdout.contains(CHILD_DONE),
-        "the child did not run the test body"
+            let pool = EgressPool::new(&cfg).unwrap();
+            udp_sources(&pool, net).await;
+            tcp_sources(&pool, net).await;
+            oversize_datagrams_fail_instead_of_fragmenting(&pool).await;
+        },
     );
-}
-
-fn child() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let net: IpNet = PREFIX.parse().unwrap();
-        let cfg = EgressConfig {
-            prefixes: vec![net],
-            fallback: Fallback::Refuse,
-            ..EgressConfig::default()
-        };
-        let report = check::diagnose(&cfg);
-        println!("{report}");
-        assert!(report.ok(), "egress check failed inside the namespace");
-
-        let pool = EgressPool::new(&cfg).unwrap();
-        udp_sources(&pool, net).await;
-        tcp_sources(&pool, net).await;
-        oversize_datagrams_fail_instead_of_fragmenting(&pool).await;
-    });
-    println!("{CHILD_DONE}");
 }
 
 fn check_sources(proto: &str, net: IpNet, seen: &HashSet<IpAddr>) {
