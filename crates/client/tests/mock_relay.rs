@@ -131,6 +131,21 @@ fn config(m: &Mock, mode: DatagramMode) -> ClientConfig {
     cfg
 }
 
+/// The mock plus a client connected to it.
+async fn connected(m: Mock, mode: DatagramMode) -> (Mock, RelayClient) {
+    let client = RelayClient::connect(config(&m, mode)).await.unwrap();
+    (m, client)
+}
+
+/// A loopback listener for a local proxy, and its address.
+async fn local_listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
 fn target(host: &str, port: u16) -> Target {
     Target {
         host: Host::Name(host.into()),
@@ -140,10 +155,7 @@ fn target(host: &str, port: u16) -> Target {
 
 #[tokio::test]
 async fn tcp_tunnel_echoes_and_half_close_keeps_reading() {
-    let m = mock(true);
-    let client = RelayClient::connect(config(&m, DatagramMode::Auto))
-        .await
-        .unwrap();
+    let (_m, client) = connected(mock(true), DatagramMode::Auto).await;
     let mut t = client
         .connect_tcp(&target("echo.example", 443))
         .await
@@ -163,10 +175,7 @@ async fn tcp_tunnel_echoes_and_half_close_keeps_reading() {
 
 #[tokio::test]
 async fn tcp_tunnel_relay_reset_is_connection_reset() {
-    let m = mock(true);
-    let client = RelayClient::connect(config(&m, DatagramMode::Auto))
-        .await
-        .unwrap();
+    let (_m, client) = connected(mock(true), DatagramMode::Auto).await;
     let mut t = client
         .connect_tcp(&target("reset.example", 443))
         .await
@@ -181,10 +190,7 @@ async fn tcp_tunnel_relay_reset_is_connection_reset() {
 
 #[tokio::test]
 async fn refused_tunnel_carries_status_and_proxy_status() {
-    let m = mock(true);
-    let client = RelayClient::connect(config(&m, DatagramMode::Auto))
-        .await
-        .unwrap();
+    let (_m, client) = connected(mock(true), DatagramMode::Auto).await;
     match client.connect_tcp(&target("denied.example", 443)).await {
         Err(e @ ClientError::Refused { .. }) => {
             assert_eq!(e.status().map(|s| s.as_u16()), Some(403));
@@ -219,37 +225,25 @@ async fn udp_echo(client: &RelayClient, expect_quic: bool) {
 
 #[tokio::test]
 async fn udp_tunnel_uses_quic_datagrams_when_negotiated() {
-    let m = mock(true);
-    let client = RelayClient::connect(config(&m, DatagramMode::Auto))
-        .await
-        .unwrap();
+    let (_m, client) = connected(mock(true), DatagramMode::Auto).await;
     udp_echo(&client, true).await;
 }
 
 #[tokio::test]
 async fn udp_tunnel_capsule_mode_sends_capsules() {
-    let m = mock(true);
-    let client = RelayClient::connect(config(&m, DatagramMode::Capsules))
-        .await
-        .unwrap();
+    let (_m, client) = connected(mock(true), DatagramMode::Capsules).await;
     udp_echo(&client, false).await;
 }
 
 #[tokio::test]
 async fn udp_tunnel_falls_back_to_capsules_without_relay_datagrams() {
-    let m = mock(false);
-    let client = RelayClient::connect(config(&m, DatagramMode::Auto))
-        .await
-        .unwrap();
+    let (_m, client) = connected(mock(false), DatagramMode::Auto).await;
     udp_echo(&client, false).await;
 }
 
 #[tokio::test]
 async fn new_tunnel_reconnects_after_relay_closed_connection() {
-    let m = mock(true);
-    let client = RelayClient::connect(config(&m, DatagramMode::Auto))
-        .await
-        .unwrap();
+    let (m, client) = connected(mock(true), DatagramMode::Auto).await;
     drop(
         client
             .connect_tcp(&target("echo.example", 443))
@@ -273,14 +267,8 @@ async fn new_tunnel_reconnects_after_relay_closed_connection() {
 
 #[tokio::test]
 async fn local_socks5_connect_reaches_tunnel() {
-    let m = mock(true);
-    let client = RelayClient::connect(config(&m, DatagramMode::Auto))
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let laddr = listener.local_addr().unwrap();
+    let (_m, client) = connected(mock(true), DatagramMode::Auto).await;
+    let (listener, laddr) = local_listener().await;
     tokio::spawn(cfr_client::local::socks5::serve(
         listener,
         client,
@@ -322,14 +310,8 @@ async fn local_socks5_connect_reaches_tunnel() {
 
 #[tokio::test]
 async fn local_http_proxy_connect_and_501() {
-    let m = mock(true);
-    let client = RelayClient::connect(config(&m, DatagramMode::Auto))
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let laddr = listener.local_addr().unwrap();
+    let (_m, client) = connected(mock(true), DatagramMode::Auto).await;
+    let (listener, laddr) = local_listener().await;
     tokio::spawn(cfr_client::local::http_proxy::serve(listener, client));
 
     let mut s = tokio::net::TcpStream::connect(laddr).await.unwrap();
