@@ -318,35 +318,21 @@ impl Core {
         conn: &ClientConn,
         target: &Target,
     ) -> Result<TcpStream, TunnelError> {
-        let addrs = self.resolve_allowed(target).await?;
         let timeout = Duration::from_secs(self.config.timeouts.connect_secs);
-        let mut last = TunnelError::new(
-            ProxyError::DestinationUnavailable,
-            "no address to connect to",
-        );
-        for dest in addrs {
-            let source = match conn.egress.source_for(dest.ip()) {
-                Ok(s) => s,
-                Err(_) => {
-                    last = TunnelError::new(
-                        ProxyError::DestinationIpUnroutable,
-                        "no egress address for this address family",
-                    );
-                    continue;
-                }
-            };
+        self.dial(conn, target, |source, dest| async move {
             match tokio::time::timeout(timeout, cfr_egress::connect_tcp(source, dest)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(stream);
+                    Ok(stream)
                 }
-                Ok(Err(e)) => last = connect_error(&e),
-                Err(_) => {
-                    last = TunnelError::new(ProxyError::ConnectionTimeout, "connect timed out")
-                }
+                Ok(Err(e)) => Err(connect_error(&e)),
+                Err(_) => Err(TunnelError::new(
+                    ProxyError::ConnectionTimeout,
+                    "connect timed out",
+                )),
             }
-        }
-        Err(last)
+        })
+        .await
     }
 
     /// Opens the UDP socket of a CONNECT-UDP tunnel, bound to its egress address and connected to
@@ -356,10 +342,31 @@ impl Core {
         conn: &ClientConn,
         target: &Target,
     ) -> Result<UdpSocket, TunnelError> {
+        self.dial(conn, target, |source, dest| async move {
+            cfr_egress::bind_udp(source, dest).map_err(|e| connect_error(&e))
+        })
+        .await
+    }
+
+    /// Tries each allowed address of `target` in preference order, from the egress address the
+    /// connection's policy picks for its family; the first success wins, else the last error.
+    async fn dial<T, F, Fut>(
+        &self,
+        conn: &ClientConn,
+        target: &Target,
+        open: F,
+    ) -> Result<T, TunnelError>
+    where
+        F: Fn(Option<IpAddr>, SocketAddr) -> Fut,
+        Fut: Future<Output = Result<T, TunnelError>>,
+    {
         let addrs = self.resolve_allowed(target).await?;
-        let mut last =
-            TunnelError::new(ProxyError::DestinationUnavailable, "no address to send to");
+        let mut last = TunnelError::new(
+            ProxyError::DestinationUnavailable,
+            "no address to connect to",
+        );
         for dest in addrs {
+            // The source is fixed here, once, for the tunnel's whole life.
             let source = match conn.egress.source_for(dest.ip()) {
                 Ok(s) => s,
                 Err(_) => {
@@ -370,9 +377,9 @@ impl Core {
                     continue;
                 }
             };
-            match cfr_egress::bind_udp(source, dest) {
-                Ok(sock) => return Ok(sock),
-                Err(e) => last = connect_error(&e),
+            match open(source, dest).await {
+                Ok(t) => return Ok(t),
+                Err(e) => last = e,
             }
         }
         Err(last)
