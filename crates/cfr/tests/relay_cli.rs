@@ -745,43 +745,16 @@ async fn metrics_count_tunnels_bytes_refusals_and_drain_without_identifying_labe
     };
     // (series, labels, at least)
     type Floor<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+    #[rustfmt::skip]
     let at_least: [Floor<'_>; 12] = [
         ("cfr_connections_total", &[], 2.0),
-        (
-            "cfr_tunnels_total",
-            &[("kind", "tcp"), ("outcome", "ok")],
-            1.0,
-        ),
-        (
-            "cfr_tunnels_total",
-            &[("kind", "udp"), ("outcome", "ok")],
-            1.0,
-        ),
-        (
-            "cfr_tunnels_total",
-            &[("outcome", "destination_ip_prohibited")],
-            1.0,
-        ),
-        (
-            "cfr_tunnels_total",
-            &[("outcome", "connection_refused")],
-            1.0,
-        ),
-        (
-            "cfr_tunnels_total",
-            &[("outcome", "http_request_denied")],
-            1.0,
-        ),
-        (
-            "cfr_bytes_total",
-            &[("kind", "tcp"), ("direction", "down")],
-            100_000.0,
-        ),
-        (
-            "cfr_bytes_total",
-            &[("kind", "udp"), ("direction", "up")],
-            8.0,
-        ),
+        ("cfr_tunnels_total", &[("kind", "tcp"), ("outcome", "ok")], 1.0),
+        ("cfr_tunnels_total", &[("kind", "udp"), ("outcome", "ok")], 1.0),
+        ("cfr_tunnels_total", &[("outcome", "destination_ip_prohibited")], 1.0),
+        ("cfr_tunnels_total", &[("outcome", "connection_refused")], 1.0),
+        ("cfr_tunnels_total", &[("outcome", "http_request_denied")], 1.0),
+        ("cfr_bytes_total", &[("kind", "tcp"), ("direction", "down")], 100_000.0),
+        ("cfr_bytes_total", &[("kind", "udp"), ("direction", "up")], 8.0),
         ("cfr_datagrams_total", &[("direction", "down")], 1.0),
         ("cfr_policy_refusals_total", &[], 1.0),
         ("cfr_auth_failures_total", &[], 1.0),

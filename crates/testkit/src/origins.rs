@@ -796,6 +796,41 @@ fn route(method: &http::Method, path: &str) -> (http::StatusCode, Bytes) {
     (StatusCode::NOT_FOUND, Bytes::new())
 }
 
+/// The accessors [`HttpsOrigin`] and [`H3Origin`] share (both have `addr`, `ca` and `requests`).
+macro_rules! web_origin_accessors {
+    ($origin:ty) => {
+        impl $origin {
+            pub fn addr(&self) -> SocketAddr {
+                self.addr
+            }
+
+            /// PEM file of the CA that signed this origin's certificate (removed on drop).
+            pub fn ca_pem_path(&self) -> &Path {
+                &self.ca.path
+            }
+
+            pub fn ca_der(&self) -> CertificateDer<'static> {
+                dev_pki().ca_der()
+            }
+
+            /// `https://127.0.0.1:PORT/path` or `https://[::1]:PORT/path` (the bound address; the
+            /// certificate covers both literals and `localhost`).
+            pub fn url(&self, path: &str) -> String {
+                format!("https://{}{path}", self.addr)
+            }
+
+            /// `https://localhost:PORT/path`, for tests that want the relay to resolve a name.
+            pub fn localhost_url(&self, path: &str) -> String {
+                format!("https://localhost:{}{path}", self.addr.port())
+            }
+
+            pub fn requests(&self) -> Vec<SeenRequest> {
+                self.requests.snapshot()
+            }
+        }
+    };
+}
+
 /// HTTPS origin: HTTP/1.1 and HTTP/2 (ALPN `h2`, `http/1.1`) over TLS 1.3 with the dev cert.
 pub struct HttpsOrigin {
     addr: SocketAddr,
@@ -859,35 +894,9 @@ impl HttpsOrigin {
             _task: task,
         }
     }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// PEM file of the CA that signed this origin's certificate (removed on drop).
-    pub fn ca_pem_path(&self) -> &Path {
-        &self.ca.path
-    }
-
-    pub fn ca_der(&self) -> CertificateDer<'static> {
-        dev_pki().ca_der()
-    }
-
-    /// `https://127.0.0.1:PORT/path` or `https://[::1]:PORT/path` (the bound address; the
-    /// certificate covers both literals and `localhost`).
-    pub fn url(&self, path: &str) -> String {
-        format!("https://{}{path}", self.addr)
-    }
-
-    /// `https://localhost:PORT/path`, for tests that want the relay to resolve a name.
-    pub fn localhost_url(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.addr.port())
-    }
-
-    pub fn requests(&self) -> Vec<SeenRequest> {
-        self.requests.snapshot()
-    }
 }
+
+web_origin_accessors!(HttpsOrigin);
 
 /// HTTP/3 origin (quinn + h3, ALPN `h3`, dev cert) serving the same routes as [`HttpsOrigin`].
 pub struct H3Origin {
@@ -932,35 +941,9 @@ impl H3Origin {
             _task: task,
         }
     }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// PEM file of the CA that signed this origin's certificate (removed on drop).
-    pub fn ca_pem_path(&self) -> &Path {
-        &self.ca.path
-    }
-
-    pub fn ca_der(&self) -> CertificateDer<'static> {
-        dev_pki().ca_der()
-    }
-
-    /// `https://127.0.0.1:PORT/path` or `https://[::1]:PORT/path` (the bound address; the
-    /// certificate covers both literals and `localhost`).
-    pub fn url(&self, path: &str) -> String {
-        format!("https://{}{path}", self.addr)
-    }
-
-    /// `https://localhost:PORT/path`, for tests that want the relay to resolve a name.
-    pub fn localhost_url(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.addr.port())
-    }
-
-    pub fn requests(&self) -> Vec<SeenRequest> {
-        self.requests.snapshot()
-    }
 }
+
+web_origin_accessors!(H3Origin);
 
 impl Drop for H3Origin {
     fn drop(&mut self) {
