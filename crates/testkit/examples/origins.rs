@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use cfr_testkit::origins::{
     client_hello_extensions, dev_pki, hex_sha256, pattern_sha256, H3Origin, HttpsOrigin,
-    RecordingTcp, TcpEcho, TlsSink, UdpEcho, BYTES_ROUTE_SEED, TLS_HANDSHAKE_FAILURE_ALERT,
+    RecordingTcp, SeenRequest, TcpEcho, TlsSink, UdpEcho, BYTES_ROUTE_SEED,
+    TLS_HANDSHAKE_FAILURE_ALERT,
 };
 
 const USAGE: &str =
@@ -116,6 +117,42 @@ fn addrs(v: &[SocketAddr]) -> String {
     format!("[{}]", items.join(","))
 }
 
+/// `{"summary":KIND,"addr":ADDR,"requests":[...]}`; each request with its HTTP version if `version`.
+fn print_requests(kind: &str, addr: SocketAddr, requests: &[SeenRequest], version: bool) {
+    let reqs: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            let version = if version {
+                format!(r#""version":{},"#, js(&format!("{:?}", r.version)))
+            } else {
+                String::new()
+            };
+            format!(
+                r#"{{"peer":{},{version}"method":{},"path":{},"status":{}}}"#,
+                js(&r.peer.to_string()),
+                js(r.method.as_str()),
+                js(&r.path),
+                r.status
+            )
+        })
+        .collect();
+    println!(
+        r#"{{"summary":{},"addr":{},"requests":[{}]}}"#,
+        js(kind),
+        js(&addr.to_string()),
+        reqs.join(",")
+    );
+}
+
+/// `{"origin":KIND,"addr":ADDR}`: an origin without a URL or CA is up.
+fn print_origin(kind: &str, addr: SocketAddr) {
+    println!(
+        r#"{{"origin":{},"addr":{}}}"#,
+        js(kind),
+        js(&addr.to_string())
+    );
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = match parse_args() {
@@ -141,19 +178,13 @@ async fn main() -> ExitCode {
     let mut tcp = Vec::new();
     for b in &args.tcp_echo {
         let o = TcpEcho::start(*b).await;
-        println!(
-            r#"{{"origin":"tcp-echo","addr":{}}}"#,
-            js(&o.addr().to_string())
-        );
+        print_origin("tcp-echo", o.addr());
         tcp.push(o);
     }
     let mut udp = Vec::new();
     for b in &args.udp_echo {
         let o = UdpEcho::start(*b).await;
-        println!(
-            r#"{{"origin":"udp-echo","addr":{}}}"#,
-            js(&o.addr().to_string())
-        );
+        print_origin("udp-echo", o.addr());
         udp.push(o);
     }
     let mut https = Vec::new();
@@ -193,10 +224,7 @@ async fn main() -> ExitCode {
         .unwrap_or_else(|| TLS_HANDSHAKE_FAILURE_ALERT.to_vec());
     for b in &args.recording {
         let o = RecordingTcp::start(*b, reply.clone()).await;
-        println!(
-            r#"{{"origin":"recording","addr":{}}}"#,
-            js(&o.addr().to_string())
-        );
+        print_origin("recording", o.addr());
         recs.push(o);
     }
     println!(r#"{{"ready":true,"ca_pem":{ca}}}"#);
@@ -239,45 +267,10 @@ async fn main() -> ExitCode {
         );
     }
     for o in &https {
-        let reqs: Vec<String> = o
-            .requests()
-            .iter()
-            .map(|r| {
-                format!(
-                    r#"{{"peer":{},"version":{},"method":{},"path":{},"status":{}}}"#,
-                    js(&r.peer.to_string()),
-                    js(&format!("{:?}", r.version)),
-                    js(r.method.as_str()),
-                    js(&r.path),
-                    r.status
-                )
-            })
-            .collect();
-        println!(
-            r#"{{"summary":"https","addr":{},"requests":[{}]}}"#,
-            js(&o.addr().to_string()),
-            reqs.join(",")
-        );
+        print_requests("https", o.addr(), &o.requests(), true);
     }
     for o in &h3 {
-        let reqs: Vec<String> = o
-            .requests()
-            .iter()
-            .map(|r| {
-                format!(
-                    r#"{{"peer":{},"method":{},"path":{},"status":{}}}"#,
-                    js(&r.peer.to_string()),
-                    js(r.method.as_str()),
-                    js(&r.path),
-                    r.status
-                )
-            })
-            .collect();
-        println!(
-            r#"{{"summary":"h3","addr":{},"requests":[{}]}}"#,
-            js(&o.addr().to_string()),
-            reqs.join(",")
-        );
+        print_requests("h3", o.addr(), &o.requests(), false);
     }
     for o in &sinks {
         let sessions: Vec<String> = o
