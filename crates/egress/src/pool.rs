@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use rand::rngs::OsRng;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -124,8 +125,8 @@ impl Block {
     fn draw(&self) -> Result<IpAddr, EgressError> {
         for _ in 0..MAX_DRAWS {
             let offset = match self.size() {
-                Some(size) => rand::thread_rng().gen_range(0..size),
-                None => rand::thread_rng().gen::<u128>(),
+                Some(size) => OsRng.gen_range(0..size),
+                None => OsRng.gen::<u128>(),
             };
             if !self.is_reserved(offset) {
                 return Ok(self.addr(offset));
@@ -174,10 +175,8 @@ impl FamilyPool {
     /// weighting error between prefixes).
     fn draw(&self) -> Result<IpAddr, EgressError> {
         for _ in 0..MAX_DRAWS {
-            // draft-scalone-cfr-source-privacy: CSPRNG, uniform over the whole pool. The thread-local
-            // ChaCha12 generator (seeded and periodically reseeded from the OS) is a CSPRNG without
-            // a getrandom(2) syscall per draw, which cost as much as the bind itself per tunnel.
-            let mut index = rand::thread_rng().gen_range(0..=self.last_index);
+            // draft-scalone-cfr-source-privacy: CSPRNG, uniform over the whole pool.
+            let mut index = OsRng.gen_range(0..=self.last_index);
             for b in &self.blocks {
                 match b.size() {
                     Some(size) if index >= size => index -= size,
