@@ -45,6 +45,9 @@ pub struct DestinationPolicy {
     own_sockets: Vec<SocketAddr>,
     /// Addresses owned by the relay (egress prefixes, specific listen IPs).
     own_nets: Vec<IpNet>,
+    /// The host's interface addresses when a listener is bound to the unspecified address:
+    /// refused unless the operator allows them explicitly (they reach the host's other services).
+    own_hosts: Vec<IpAddr>,
 }
 
 impl DestinationPolicy {
@@ -55,15 +58,32 @@ impl DestinationPolicy {
             ports: parse_port_ranges(&cfg.ports)?,
             own_sockets: Vec::new(),
             own_nets: Vec::new(),
+            own_hosts: Vec::new(),
         })
     }
 
-    /// Registers a listener of the relay (its port on that address — or on any local address when
-    /// unspecified — is never a valid destination).
+    /// Registers a listener of the relay: its port on its address is never a valid destination.
+    /// A listener on the unspecified address listens on every interface address of the host, read
+    /// once here (see [`local_addresses`]).
     pub fn add_own_socket(&mut self, addr: SocketAddr) {
-        self.own_sockets.push(addr);
-        if !addr.ip().is_unspecified() && !addr.ip().is_loopback() {
-            self.own_nets.push(IpNet::from(addr.ip()));
+        if addr.ip().is_unspecified() {
+            self.add_unspecified_listener(addr.port(), &local_addresses());
+        } else {
+            self.own_sockets.push(addr);
+            if !addr.ip().is_loopback() {
+                self.own_nets.push(IpNet::from(addr.ip()));
+            }
+        }
+    }
+
+    /// [`Self::add_own_socket`] for a listener on `[::]`/`0.0.0.0`, with the host's addresses given.
+    pub fn add_unspecified_listener(&mut self, port: u16, local: &[IpAddr]) {
+        for ip in local {
+            let ip = canonical(*ip);
+            self.own_sockets.push(SocketAddr::new(ip, port));
+            if !ip.is_loopback() && !self.own_hosts.contains(&ip) {
+                self.own_hosts.push(ip);
+            }
         }
     }
 
@@ -79,7 +99,7 @@ impl DestinationPolicy {
             return Err(Refusal::Port);
         }
         for own in &self.own_sockets {
-            let same_ip = own.ip().is_unspecified() || canonical(own.ip()) == ip;
+            let same_ip = canonical(own.ip()) == ip;
             if own.port() == dest.port() && (same_ip || ip.is_loopback()) {
                 return Err(Refusal::OwnAddress);
             }
@@ -105,11 +125,40 @@ impl DestinationPolicy {
         if self.allow.iter().any(|n| n.contains(&ip)) {
             return Ok(());
         }
+        if self.own_hosts.contains(&ip) {
+            return Err(Refusal::OwnAddress);
+        }
         if let Some(what) = reserved(dest.ip()) {
             return Err(Refusal::Reserved(what));
         }
         Ok(())
     }
+}
+
+/// The host's interface addresses (getifaddrs), for listeners on the unspecified address. Empty
+/// (with a warning) if they cannot be read; loopback is refused by the reserved ranges anyway.
+pub fn local_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        tracing::warn!(
+            "cannot list interface addresses; the relay's own addresses are not refused by IP"
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for a in addrs {
+        let Some(sa) = a.address else { continue };
+        let ip = if let Some(v4) = sa.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 /// IPv4-mapped IPv6 addresses are the IPv4 address for every purpose here.
@@ -342,6 +391,45 @@ mod tests {
         .unwrap();
         assert_eq!(p.check("8.8.8.8:443".parse().unwrap()), Ok(()));
         assert_eq!(p.check("8.8.8.8:80".parse().unwrap()), Err(Refusal::Port));
+    }
+
+    #[test]
+    fn a_listener_on_the_unspecified_address_refuses_only_the_hosts_own_addresses() {
+        let mut p = policy();
+        let host: IpAddr = "203.0.114.7".parse().unwrap(); // stands for a public interface address
+        p.add_unspecified_listener(
+            443,
+            &["127.0.0.1".parse().unwrap(), "::1".parse().unwrap(), host],
+        );
+        // Other hosts on the listen port are ordinary destinations (port 443 is everyone's HTTPS).
+        assert_eq!(p.check("8.8.8.8:443".parse().unwrap()), Ok(()));
+        assert_eq!(p.check("[2606:4700::1111]:443".parse().unwrap()), Ok(()));
+        // The host itself, on any port, is refused unless the operator allows it explicitly.
+        assert_eq!(
+            p.check(SocketAddr::new(host, 443)),
+            Err(Refusal::OwnAddress)
+        );
+        assert_eq!(p.check(SocketAddr::new(host, 22)), Err(Refusal::OwnAddress));
+        let mut allowed = DestinationPolicy::new(&PolicyConfig {
+            allow: vec!["203.0.114.0/24".parse().unwrap()],
+            ..Default::default()
+        })
+        .unwrap();
+        allowed.add_unspecified_listener(443, &[host]);
+        assert_eq!(allowed.check(SocketAddr::new(host, 22)), Ok(()));
+        // ...but never the listener itself.
+        assert_eq!(
+            allowed.check(SocketAddr::new(host, 443)),
+            Err(Refusal::OwnAddress)
+        );
+    }
+
+    #[test]
+    fn local_addresses_include_loopback() {
+        assert!(
+            local_addresses().iter().any(|ip| ip.is_loopback()),
+            "getifaddrs should list lo"
+        );
     }
 
     #[test]
