@@ -113,7 +113,7 @@ impl Env {
 
     /// The relay's QUIC transport settings (the raw quinn baseline uses the same).
     pub fn transport(&self) -> Arc<quinn::TransportConfig> {
-        Arc::new(cfr_relay::http3::transport_config(&self.core))
+        Arc::new(cfr_relay::http3::transport_config(&self.core.config))
     }
 
     /// Drains the relay (bounded) and stops every server task.

@@ -258,9 +258,6 @@ impl RelayConfig {
         positive("timeouts.tcp_idle_secs", t.tcp_idle_secs)?;
         positive("timeouts.udp_idle_secs", t.udp_idle_secs)?;
         positive("timeouts.connection_idle_secs", t.connection_idle_secs)?;
-        if self.listen.port() == 0 && self.metrics.is_some_and(|m| m.port() == 0) {
-            // Harmless; both ephemeral.
-        }
         parse_port_ranges(&self.policy.ports).map_err(|message| ConfigError::Invalid {
             key: "policy.ports",
             message,

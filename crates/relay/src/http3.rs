@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::RelayConfig;
 use crate::metrics as m;
 use crate::tunnel::{
     serve_request, Abort, ClientConn, Core, DatagramOut, Exchange, TunnelRecv, TunnelSend,
@@ -24,16 +25,16 @@ type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
 
 /// QUIC transport settings for client connections.
-pub fn transport_config(core: &Core) -> quinn::TransportConfig {
+pub fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    let limits = &core.config.limits;
+    let limits = &config.limits;
     // Request streams bound the tunnels a connection can even ask for; the relay's own limit
     // answers 503 below this, so give a little headroom for requests that get refused.
     t.max_concurrent_bidi_streams((limits.tunnels_per_connection + 16).into());
     // Control, QPACK encoder/decoder, plus grease.
     t.max_concurrent_uni_streams(16u32.into());
     t.max_idle_timeout(
-        Duration::from_secs(core.config.timeouts.connection_idle_secs)
+        Duration::from_secs(config.timeouts.connection_idle_secs)
             .try_into()
             .ok(),
     );

@@ -87,15 +87,7 @@ impl Relay {
         let listen = config.listen;
         // Bind first so the own-address rule knows the real ports.
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
-        let core_for_transport = Core::new(
-            config.clone(),
-            auth.clone(),
-            policy.clone(),
-            egress.clone(),
-            resolver.clone(),
-        );
-        server_config.transport_config(Arc::new(http3::transport_config(&core_for_transport)));
-        drop(core_for_transport);
+        server_config.transport_config(Arc::new(http3::transport_config(&config)));
         let (endpoint, local_addr, tcp_listener) = bind_listeners(&config, server_config)?;
         policy.add_own_socket(local_addr);
         let tcp_addr = match &tcp_listener {

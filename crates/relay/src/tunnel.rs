@@ -937,11 +937,6 @@ pub fn log_tunnel_refused(id: &str, kind: TunnelKind, target: Option<&Target>, e
     }
 }
 
-/// Convenience for callers that have an IP and want to know if the pool covers it.
-pub fn family_v6(ip: IpAddr) -> bool {
-    ip.is_ipv6()
-}
-
 /// One front-end request/response exchange, abstracted over HTTP/3, HTTP/2 and HTTP/1.1.
 pub trait Exchange: Send {
     type Recv: TunnelRecv;
