@@ -16,17 +16,9 @@ pub const UDP_RANDOM: &str = "UDP bind+connect, random 127/8 source";
 pub const UDP_KERNEL: &str = "UDP bind+connect, kernel source";
 
 pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
-    let origin = match env::hold_origin(&env.tasks).await {
-        Ok(a) => a,
-        Err(e) => {
-            rows.push(Row::unavailable(
-                SECTION,
-                TCP_RANDOM,
-                "µs",
-                format!("origin: {e}"),
-            ));
-            return;
-        }
+    let Some(origin) = env::origin_or_unavailable(env, rows, SECTION, TCP_RANDOM, "µs").await
+    else {
+        return;
     };
     let cfg = EgressConfig {
         prefixes: vec!["127.0.0.0/8".parse().expect("static net")],

@@ -271,6 +271,28 @@ pub async fn bulk_origin(tasks: &Tasks) -> io::Result<SocketAddr> {
 
 /// Origin that accepts and holds each connection until the peer closes it (idle tunnels, tunnel
 /// setup). Its connection tasks end with their peers.
+/// [`hold_origin`] for a section: on failure records `name` as unavailable and returns `None`.
+pub async fn origin_or_unavailable(
+    env: &Env,
+    rows: &mut Vec<crate::report::Row>,
+    section: &'static str,
+    name: &'static str,
+    unit: &'static str,
+) -> Option<SocketAddr> {
+    match hold_origin(&env.tasks).await {
+        Ok(a) => Some(a),
+        Err(e) => {
+            rows.push(crate::report::Row::unavailable(
+                section,
+                name,
+                unit,
+                format!("origin: {e}"),
+            ));
+            None
+        }
+    }
+}
+
 pub async fn hold_origin(tasks: &Tasks) -> io::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;

@@ -95,17 +95,9 @@ pub fn relay_binary(explicit: Option<&Path>) -> Option<PathBuf> {
 }
 
 pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
-    let origin = match env::hold_origin(&env.tasks).await {
-        Ok(a) => a,
-        Err(e) => {
-            rows.push(Row::unavailable(
-                SECTION,
-                "idle tunnels",
-                "",
-                format!("origin: {e}"),
-            ));
-            return;
-        }
+    let Some(origin) = env::origin_or_unavailable(env, rows, SECTION, "idle tunnels", "").await
+    else {
+        return;
     };
     let bin = relay_binary(plan.relay_bin.as_deref());
     for &n in &plan.idle {

@@ -119,17 +119,8 @@ pub const RATE: &str = "h3 tunnel setups/s, 64 clients";
 pub const RTT: &str = "QUIC smoothed RTT (warm)";
 
 pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
-    let origin = match env::hold_origin(&env.tasks).await {
-        Ok(a) => a,
-        Err(e) => {
-            rows.push(Row::unavailable(
-                SECTION,
-                WARM,
-                "µs",
-                format!("origin: {e}"),
-            ));
-            return;
-        }
+    let Some(origin) = env::origin_or_unavailable(env, rows, SECTION, WARM, "µs").await else {
+        return;
     };
     let limit = plan.setup_time;
 
