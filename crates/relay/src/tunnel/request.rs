@@ -1,0 +1,184 @@
+//! The life of one tunnel request: classify the head, authenticate, admit, dial, answer, pump, log.
+use std::time::Instant;
+
+use cfr_proto::{ProxyError, Target};
+
+use super::core::{ClientConn, Core};
+use super::error::{error_response, TunnelError};
+use super::exchange::Exchange;
+use super::log::{log_tunnel_end, log_tunnel_refused, tunnel_id};
+use super::tcp_pump::relay_tcp;
+use super::udp_pump::relay_udp;
+use super::TunnelKind;
+use crate::metrics as m;
+
+/// What the client asked for, once the request head is validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRequest {
+    pub kind: TunnelKind,
+    pub target: Target,
+}
+
+/// Validates a request head: method, `:protocol`, target syntax.
+///
+/// RFC 9114 §4.4 / RFC 9113 §8.5: classic CONNECT names the target in `:authority`.
+/// RFC 9298 §3: connect-udp uses extended CONNECT (`:protocol connect-udp`) and the URI template.
+pub fn classify(
+    method: &http::Method,
+    protocol: Option<&str>,
+    uri: &http::Uri,
+) -> Result<TunnelRequest, TunnelError> {
+    if method != http::Method::CONNECT {
+        return Err(TunnelError {
+            status: Some(405),
+            ..TunnelError::new(ProxyError::HttpRequestError, "only CONNECT is supported")
+        });
+    }
+    match protocol {
+        None => {
+            let authority = uri.authority().ok_or_else(|| {
+                TunnelError::new(ProxyError::HttpRequestError, "CONNECT without :authority")
+            })?;
+            let target = cfr_proto::target::parse_authority(authority.as_str()).map_err(|_| {
+                TunnelError::new(ProxyError::HttpRequestError, "malformed CONNECT authority")
+            })?;
+            Ok(TunnelRequest {
+                kind: TunnelKind::Tcp,
+                target,
+            })
+        }
+        Some(p) if p.eq_ignore_ascii_case("connect-udp") => {
+            let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+            let target = cfr_proto::target::parse_connect_udp_path(path).map_err(|e| {
+                TunnelError::new(
+                    ProxyError::HttpRequestError,
+                    match e {
+                        cfr_proto::TargetError::ZoneId => "IPv6 zone identifiers are not allowed",
+                        cfr_proto::TargetError::BadPort => "malformed target_port",
+                        cfr_proto::TargetError::BadHost => "malformed target_host",
+                        _ => "path does not match the connect-udp URI template",
+                    },
+                )
+            })?;
+            Ok(TunnelRequest {
+                kind: TunnelKind::Udp,
+                target,
+            })
+        }
+        // RFC 9220 / RFC 8441: an extended CONNECT protocol we do not implement.
+        Some(_) => Err(TunnelError {
+            status: Some(501),
+            ..TunnelError::new(ProxyError::HttpRequestError, "unsupported :protocol")
+        }),
+    }
+}
+
+/// The whole life of one tunnel request on any front-end: authenticate (before any DNS lookup or
+/// dial), validate, admit against limits, open the destination side, answer, relay, log.
+pub async fn serve_request<E: Exchange>(
+    core: &Core,
+    conn: &ClientConn,
+    head: &http::request::Parts,
+    protocol: Option<&str>,
+    mut exchange: E,
+) {
+    let started = Instant::now();
+    let id = tunnel_id();
+    core.request_seen(exchange.protocol());
+    let request = core
+        .authenticate(&head.headers, conn)
+        .and_then(|()| classify(&head.method, protocol, &head.uri));
+    let request = match request {
+        Ok(r) => r,
+        Err(err) => {
+            let kind = if protocol.is_some() {
+                TunnelKind::Udp
+            } else {
+                TunnelKind::Tcp
+            };
+            refuse(id, kind, None, err, exchange).await;
+            return;
+        }
+    };
+    let permit = match core.admit(conn) {
+        Ok(p) => p,
+        Err(err) => return refuse(id, request.kind, Some(&request.target), err, exchange).await,
+    };
+    let kind = request.kind;
+    let target = request.target;
+    match kind {
+        TunnelKind::Tcp => {
+            let tcp = match core.open_tcp(conn, &target).await {
+                Ok(t) => t,
+                Err(err) => return refuse(id, kind, Some(&target), err, exchange).await,
+            };
+            let Some((rx, tx)) = open_response(exchange, kind, false).await else {
+                return;
+            };
+            let _active = ActiveTunnel::new(kind);
+            let stats = relay_tcp(core, tcp, rx, tx).await;
+            log_tunnel_end(&id, kind, &target, 200, &stats, started);
+        }
+        TunnelKind::Udp => {
+            let sock = match core.open_udp(conn, &target).await {
+                Ok(s) => s,
+                Err(err) => return refuse(id, kind, Some(&target), err, exchange).await,
+            };
+            let channels = exchange.udp_channels();
+            let Some((rx, tx)) = open_response(exchange, kind, true).await else {
+                return;
+            };
+            let _active = ActiveTunnel::new(kind);
+            let stats = relay_udp(core, sock, rx, tx, channels).await;
+            log_tunnel_end(&id, kind, &target, 200, &stats, started);
+        }
+    }
+    drop(permit);
+}
+
+async fn open_response<E: Exchange>(
+    exchange: E,
+    kind: TunnelKind,
+    capsules: bool,
+) -> Option<(E::Recv, E::Send)> {
+    let mut b = http::Response::builder().status(200);
+    if capsules {
+        // RFC 9298 §3.3 / RFC 9297 §3.4: the 2xx response carries `Capsule-Protocol: ?1`.
+        b = b.header("capsule-protocol", "?1");
+    }
+    metrics::counter!(m::TUNNELS, "kind" => kind.as_str(), "outcome" => "ok").increment(1);
+    exchange
+        .respond(b.body(()).expect("static response"))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn refuse<E: Exchange>(
+    id: String,
+    kind: TunnelKind,
+    target: Option<&Target>,
+    err: TunnelError,
+    exchange: E,
+) {
+    metrics::counter!(m::TUNNELS, "kind" => kind.as_str(), "outcome" => err.error.token())
+        .increment(1);
+    log_tunnel_refused(&id, kind, target, &err);
+    let _ = exchange.respond(error_response(&err)).await;
+}
+
+/// Keeps the active-tunnel gauge right whichever way a tunnel ends.
+struct ActiveTunnel(TunnelKind);
+
+impl ActiveTunnel {
+    fn new(kind: TunnelKind) -> Self {
+        metrics::gauge!(m::TUNNELS_ACTIVE, "kind" => kind.as_str()).increment(1.0);
+        Self(kind)
+    }
+}
+
+impl Drop for ActiveTunnel {
+    fn drop(&mut self) {
+        metrics::gauge!(m::TUNNELS_ACTIVE, "kind" => self.0.as_str()).decrement(1.0);
+    }
+}
