@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
-use crate::tcp_front::FrontCtx;
+use crate::front::FrontCtx;
 use crate::tunnel::{
     serve_request, Abort, ClientConn, Exchange, TunnelRecv, TunnelSend, UdpChannels,
 };

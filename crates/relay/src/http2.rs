@@ -14,7 +14,7 @@ use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::tcp_front::FrontCtx;
+use crate::front::FrontCtx;
 use crate::tunnel::{
     serve_request, Abort, ClientConn, Exchange, TunnelRecv, TunnelSend, UdpChannels,
 };

@@ -10,10 +10,10 @@ use h3::error::Code;
 use h3::server::RequestStream;
 use h3::ConnectionState;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RelayConfig;
+use crate::front::FrontCtx;
 use crate::metrics as m;
 use crate::tunnel::{
     serve_request, Abort, ClientConn, Core, DatagramOut, Exchange, TunnelRecv, TunnelSend,
@@ -48,13 +48,17 @@ pub fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
 }
 
 /// Serves one accepted QUIC connection until it closes.
-pub async fn serve_connection(
-    core: Arc<Core>,
+pub(crate) async fn serve_connection(
+    ctx: &FrontCtx,
     quic: quinn::Connection,
     client: Arc<ClientConn>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
 ) {
+    let FrontCtx {
+        core,
+        shutdown,
+        tasks,
+        ..
+    } = ctx;
     // RFC 9297 §2.1.1 / RFC 9220 §3: advertise H3_DATAGRAM=1 and ENABLE_CONNECT_PROTOCOL=1.
     let mut h3 = match h3::server::builder()
         .enable_extended_connect(true)

@@ -3,13 +3,16 @@
 //! behind authentication, a destination policy and limits.
 #![forbid(unsafe_code)]
 
+mod admission;
 pub mod auth;
 pub mod config;
+mod front;
 mod http1;
 mod http2;
 pub mod http3;
 pub mod metrics;
 pub mod policy;
+mod quic_front;
 pub mod resolve;
 pub mod server;
 pub mod tcp_front;

@@ -1,18 +1,18 @@
 //! The relay process: binds the listeners, accepts client connections within limits, and drains
 //! gracefully on shutdown (GOAWAY, grace period, close).
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::RelayConfig;
+use crate::front::FrontCtx;
 use crate::http3;
 use crate::metrics as m;
 use crate::policy::DestinationPolicy;
+use crate::quic_front;
 use crate::resolve::Resolver;
 use crate::tcp_front::TcpFront;
 use crate::tls;
@@ -37,12 +37,10 @@ pub struct Relay {
     core: Arc<Core>,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
-    /// The TLS/TCP fallback listener (HTTP/2, HTTP/1.1), unless `tcp_enabled = false`.
-    tcp: Option<(tokio::net::TcpListener, TcpFront)>,
+    /// The TLS/TCP fallback front-end (HTTP/2, HTTP/1.1), unless `tcp_enabled = false`.
+    tcp: Option<TcpFront>,
     tcp_addr: Option<SocketAddr>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-    clients: Arc<ClientTable>,
+    ctx: FrontCtx,
 }
 
 /// Lets another task stop a relay.
@@ -101,20 +99,18 @@ impl Relay {
             }
             None => None,
         };
-        let core = Arc::new(Core::new(config, auth, policy, egress, resolver));
         let tcp = match tcp_listener {
-            Some(l) => Some((l, TcpFront::new(&core, local_addr.port())?)),
+            Some(l) => Some(TcpFront::new(&config, l)?),
             None => None,
         };
+        let core = Arc::new(Core::new(config, auth, policy, egress, resolver));
         Ok(Relay {
+            ctx: FrontCtx::new(core.clone(), local_addr.port()),
             core,
             endpoint,
             local_addr,
             tcp,
             tcp_addr,
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            clients: Arc::new(ClientTable::default()),
         })
     }
 
@@ -129,7 +125,7 @@ impl Relay {
 
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
-            shutdown: self.shutdown.clone(),
+            shutdown: self.ctx.shutdown.clone(),
         }
     }
 
@@ -137,58 +133,24 @@ impl Relay {
         &self.core
     }
 
-    /// Accepts connections until shutdown, then drains: GOAWAY to every client, no new
+    /// Runs every front-end until shutdown, then drains: GOAWAY to every client, no new
     /// connections, open tunnels get `drain_secs` to finish, then everything is closed.
     pub async fn run(self) {
         let Relay {
             core,
             endpoint,
-            mut tcp,
-            shutdown,
-            tasks,
-            clients,
+            tcp,
+            ctx,
             ..
         } = self;
-        // Cancelled when the grace period is over: TCP connections and tunnels still open are
-        // dropped (QUIC ones end with the endpoint's close).
-        let closed = CancellationToken::new();
-        let front_ctx = tcp
-            .as_ref()
-            .map(|(_, front)| front.context(&core, &shutdown, &closed, &tasks));
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                incoming = endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    accept(&core, incoming, &clients, &shutdown, &tasks);
-                }
-                accepted = async { tcp.as_ref().expect("guarded").0.accept().await }, if tcp.is_some() => {
-                    match accepted {
-                        Ok((stream, peer)) => {
-                            let limits = &core.config.limits;
-                            match clients.admit(peer.ip(), limits.connections_per_client, limits.total_connections) {
-                                Some(slot) => {
-                                    let front = &tcp.as_ref().expect("guarded").1;
-                                    let ctx = front_ctx.as_ref().expect("guarded");
-                                    front.accept(ctx, stream, peer, slot);
-                                }
-                                None => {
-                                    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);
-                                    drop(stream);
-                                }
-                            }
-                        }
-                        // EMFILE and the like: keep serving what is open, retry shortly.
-                        Err(e) => {
-                            tracing::warn!(error = %e, "TCP accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
+        // Each accept loop returns when the drain starts; the TCP listener closes with its loop.
+        let tcp_front = async {
+            if let Some(front) = tcp {
+                front.accept_loop(&ctx).await;
             }
-        }
-        // No new TCP connections during the drain.
-        tcp.take();
+        };
+        tokio::join!(quic_front::accept_loop(&endpoint, &ctx), tcp_front);
+        let FrontCtx { closed, tasks, .. } = ctx;
         metrics::gauge!(m::DRAINING).set(1.0);
         let grace = Duration::from_secs(core.config.drain_secs);
         tracing::info!(
@@ -257,113 +219,4 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
-}
-
-fn accept(
-    core: &Arc<Core>,
-    incoming: quinn::Incoming,
-    clients: &Arc<ClientTable>,
-    shutdown: &CancellationToken,
-    tasks: &TaskTracker,
-) {
-    let ip = incoming.remote_address().ip();
-    let limits = &core.config.limits;
-    let Some(slot) = clients.admit(ip, limits.connections_per_client, limits.total_connections)
-    else {
-        metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);
-        incoming.refuse();
-        return;
-    };
-    let core = core.clone();
-    let shutdown = shutdown.clone();
-    let tasks2 = tasks.clone();
-    let handshake = core.config.handshake_timeout();
-    tasks.spawn(async move {
-        let _slot = slot;
-        let connecting = match incoming.accept() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, "handshake refused");
-                return;
-            }
-        };
-        let quic = match tokio::time::timeout(handshake, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "handshake").increment(1);
-                tracing::debug!(error = %e, "handshake failed");
-                return;
-            }
-            Err(_) => {
-                metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "handshake_timeout")
-                    .increment(1);
-                return;
-            }
-        };
-        let verified = quic
-            .peer_identity()
-            .and_then(|id| {
-                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
-            .is_some_and(|chain| !chain.is_empty());
-        metrics::counter!(m::CONNECTIONS, "protocol" => "h3").increment(1);
-        metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
-        // Connection-level events may name the client, never a destination.
-        tracing::info!(client = %quic.remote_address(), mtls = verified, "connection opened");
-        let client = Arc::new(core.client_conn(verified));
-        http3::serve_connection(core, quic.clone(), client, shutdown, tasks2).await;
-        metrics::gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);
-        tracing::info!(client = %quic.remote_address(), "connection closed");
-    });
-}
-
-/// Open connections per client address.
-#[derive(Default)]
-pub(crate) struct ClientTable {
-    inner: Mutex<(HashMap<IpAddr, u32>, u32)>,
-}
-
-pub(crate) struct ClientSlot {
-    table: Arc<ClientTable>,
-    ip: IpAddr,
-}
-
-impl ClientTable {
-    pub(crate) fn admit(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        per_client: u32,
-        total: u32,
-    ) -> Option<ClientSlot> {
-        let mut g = self.inner.lock().expect("client table");
-        let (map, count) = &mut *g;
-        if *count >= total {
-            return None;
-        }
-        let n = map.entry(ip).or_insert(0);
-        if *n >= per_client {
-            return None;
-        }
-        *n += 1;
-        *count += 1;
-        Some(ClientSlot {
-            table: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut g = self.table.inner.lock().expect("client table");
-        let (map, count) = &mut *g;
-        *count -= 1;
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }

@@ -1,22 +1,19 @@
-//! The TLS/TCP fallback front-end, for networks where QUIC does not get through: one TCP listener
-//! (by default on the QUIC port number), TLS with ALPN `h2` / `http/1.1`, then the HTTP/2
-//! (`http2.rs`) or HTTP/1.1 (`http1.rs`) mapping onto the same tunnel core as HTTP/3.
+//! The TLS/TCP fallback front-end's accept path, for networks where QUIC does not get through: one
+//! TCP listener (by default on the QUIC port number), TLS with ALPN `h2` / `http/1.1`, then the
+//! HTTP/2 (`http2.rs`) or HTTP/1.1 (`http1.rs`) mapping onto the same tunnel core as HTTP/3.
 //!
 //! Every response carries `Alt-Svc: h3=":PORT"` (RFC 7838) so capable clients move to HTTP/3.
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use http::HeaderValue;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::config::RelayConfig;
+use crate::front::{ActiveConnection, FrontCtx};
 use crate::metrics as m;
-use crate::server::ClientSlot;
 use crate::tls;
-use crate::tunnel::Core;
 use crate::{http1, http2};
 
 /// ALPN of HTTP/2 over TLS (RFC 9113 §3.2).
@@ -24,68 +21,55 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN of HTTP/1.1.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 
-/// What every TCP connection task shares.
-#[derive(Clone)]
-pub(crate) struct FrontCtx {
-    pub core: Arc<Core>,
-    /// Drain started: send GOAWAY / stop keep-alive, let open tunnels finish.
-    pub shutdown: CancellationToken,
-    /// Grace period over: drop connections and tunnels still open.
-    pub closed: CancellationToken,
-    pub tasks: TaskTracker,
-    /// `h3=":PORT"` for the QUIC listener.
-    pub alt_svc: HeaderValue,
-}
-
-/// The TLS side of the TCP listener.
+/// The TCP listener and the TLS it speaks.
 pub(crate) struct TcpFront {
+    listener: TcpListener,
     acceptor: TlsAcceptor,
-    alt_svc: HeaderValue,
 }
 
 impl TcpFront {
     /// TLS with the relay's certificate (and optional client CA), ALPN `h2` then `http/1.1`.
-    pub(crate) fn new(core: &Core, quic_port: u16) -> Result<TcpFront, tls::TlsError> {
-        let cfg = &core.config;
+    pub(crate) fn new(
+        config: &RelayConfig,
+        listener: TcpListener,
+    ) -> Result<TcpFront, tls::TlsError> {
         let tls = tls::server_config(
-            &cfg.cert,
-            &cfg.key,
-            cfg.auth.client_ca.as_deref(),
+            &config.cert,
+            &config.key,
+            config.auth.client_ca.as_deref(),
             &[ALPN_H2, ALPN_HTTP11],
         )?;
         Ok(TcpFront {
+            listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
-            alt_svc: HeaderValue::from_str(&format!("h3=\":{quic_port}\""))
-                .expect("digits are a valid header value"),
         })
     }
 
-    /// What the connection tasks of one `Relay::run` share.
-    pub(crate) fn context(
-        &self,
-        core: &Arc<Core>,
-        shutdown: &CancellationToken,
-        closed: &CancellationToken,
-        tasks: &TaskTracker,
-    ) -> FrontCtx {
-        FrontCtx {
-            core: core.clone(),
-            shutdown: shutdown.clone(),
-            closed: closed.clone(),
-            tasks: tasks.clone(),
-            alt_svc: self.alt_svc.clone(),
+    /// Accepts TCP connections until the drain starts; the listener closes when this returns, so
+    /// no new connection is taken during the drain.
+    pub(crate) async fn accept_loop(self, ctx: &FrontCtx) {
+        loop {
+            let accepted = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.accept(ctx, stream, peer),
+                // EMFILE and the like: keep serving what is open, retry shortly.
+                Err(e) => {
+                    tracing::warn!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
     }
 
-    /// Serves one accepted TCP connection in a tracked task; `slot` holds its place in the
-    /// per-client connection table until the connection ends.
-    pub(crate) fn accept(
-        &self,
-        ctx: &FrontCtx,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        slot: ClientSlot,
-    ) {
+    /// Serves one accepted TCP connection in a tracked task, holding its place in the client
+    /// table until the connection ends.
+    fn accept(&self, ctx: &FrontCtx, tcp: TcpStream, peer: SocketAddr) {
+        let Some(slot) = ctx.admit(peer) else {
+            return;
+        };
         let ctx = ctx.clone();
         let acceptor = self.acceptor.clone();
         ctx.tasks.clone().spawn(async move {
@@ -123,34 +107,13 @@ async fn serve_connection(ctx: FrontCtx, acceptor: TlsAcceptor, tcp: TcpStream, 
     // No ALPN at all: an HTTP/1.1 client (RFC 7301 §3.2 leaves the choice to the server).
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
     let protocol = if h2 { "h2" } else { "http/1.1" };
-    metrics::counter!(m::CONNECTIONS, "protocol" => protocol).increment(1);
-    let _active = ActiveConnection::new();
-    // Connection-level events may name the client, never a destination.
-    tracing::info!(client = %peer, mtls = verified, protocol, "connection opened");
-    let client = Arc::new(ctx.core.client_conn(verified));
+    let conn = ActiveConnection::open(&ctx.core, peer, protocol, verified);
+    let client = conn.client.clone();
     // The rest of the handshake budget covers the HTTP/2 preface and SETTINGS.
     let left = handshake.saturating_sub(started.elapsed());
     if h2 {
         http2::serve_connection(ctx, tls, client, left).await;
     } else {
         http1::serve_connection(ctx, tls, client).await;
-    }
-    tracing::info!(client = %peer, protocol, "connection closed");
-}
-
-/// Keeps the active-connection gauge right, also when the drain's grace period cuts a
-/// connection off mid-flight.
-struct ActiveConnection;
-
-impl ActiveConnection {
-    fn new() -> Self {
-        metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
-        Self
-    }
-}
-
-impl Drop for ActiveConnection {
-    fn drop(&mut self) {
-        metrics::gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);
     }
 }
