@@ -48,7 +48,7 @@ pub fn relay_config(pki: &DevPki, dir: &std::path::Path) -> RelayConfig {
         drain_secs: 1,
         ..RelayConfig::default()
     };
-    cfg.auth.token_sha256 = vec![cfr_relay::auth::token_hash_hex(TOKEN)];
+    cfg.auth.token_sha256 = vec![cfr_relay::config::TokenHash::of(TOKEN)];
     cfg.policy.allow = vec!["127.0.0.0/8".parse().expect("static net")];
     // Defaults are 256 tunnels per connection and 32 connections per client address: the scale
     // run holds 10 000 tunnels and the setup-rate run 64 connections from 127.0.0.1.

@@ -272,12 +272,19 @@ fn apply_flags(cfg: &mut RelayConfig, args: &RelayArgs) -> Result<(), String> {
             .or_default()
             .push(ip);
     }
-    cfg.validate().map_err(|e| format!("invalid settings: {e}"))
+    Ok(())
 }
 
 async fn run_relay(args: RelayArgs) -> Result<ExitCode, String> {
-    let mut cfg = load_config(args.config.as_deref())?;
+    // Parsed into typed values here, validated once with the flags applied and before anything
+    // is written to disk (`Relay::bind` re-checks what library callers hand it).
+    let mut cfg = match args.config.as_deref() {
+        Some(p) => RelayConfig::read_file(p).map_err(|e| e.to_string())?,
+        None => RelayConfig::default(),
+    };
     apply_flags(&mut cfg, &args)?;
+    cfg.validate()
+        .map_err(|e| format!("invalid settings: {e}"))?;
 
     // A fresh clone has no certificate: make a development PKI where the config expects one.
     if !cfg.cert.exists() && !cfg.key.exists() {

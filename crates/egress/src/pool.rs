@@ -215,6 +215,52 @@ impl PoolInner {
     }
 }
 
+impl EgressConfig {
+    /// The rules [`EgressPool::new`] enforces, without building a pool (`cfr check-config`).
+    pub fn validate(&self) -> Result<(), EgressError> {
+        check_config(self, Duration::from_secs(self.epoch_secs))
+    }
+}
+
+/// Prefixes in canonical form (no host bits set), no two prefixes overlapping, no prefix made only
+/// of reserved addresses, no IPv4-mapped IPv6 prefix, and a non-zero epoch.
+fn check_config(cfg: &EgressConfig, epoch: Duration) -> Result<(), EgressError> {
+    if epoch.is_zero() {
+        return Err(EgressError::InvalidConfig(
+            "epoch_secs must be greater than 0".into(),
+        ));
+    }
+    for (i, p) in cfg.prefixes.iter().enumerate() {
+        if p.trunc() != *p {
+            return Err(EgressError::InvalidConfig(format!(
+                "egress prefix {p} has host bits set; did you mean {}?",
+                p.trunc()
+            )));
+        }
+        if let IpNet::V6(n) = p {
+            let mapped: ipnet::Ipv6Net = "::ffff:0:0/96".parse().expect("valid literal");
+            if mapped.contains(n) {
+                return Err(EgressError::InvalidConfig(format!(
+                    "egress prefix {p} overlaps IPv4-mapped space ::ffff:0:0/96; configure the IPv4 prefix itself"
+                )));
+            }
+        }
+        for q in &cfg.prefixes[..i] {
+            if p.contains(q) || q.contains(p) {
+                return Err(EgressError::InvalidConfig(format!(
+                    "egress prefixes {q} and {p} overlap"
+                )));
+            }
+        }
+        if !Block::new(*p).has_usable_address() {
+            return Err(EgressError::InvalidConfig(format!(
+                "egress prefix {p} holds only reserved interface identifiers (RFC 5453)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The configured egress prefixes. Cheap to clone (one `Arc`).
 #[derive(Debug, Clone)]
 pub struct EgressPool {
@@ -230,39 +276,7 @@ impl EgressPool {
     }
 
     fn with_epoch(cfg: &EgressConfig, epoch: Duration) -> Result<Self, EgressError> {
-        if epoch.is_zero() {
-            return Err(EgressError::InvalidConfig(
-                "epoch_secs must be greater than 0".into(),
-            ));
-        }
-        for (i, p) in cfg.prefixes.iter().enumerate() {
-            if p.trunc() != *p {
-                return Err(EgressError::InvalidConfig(format!(
-                    "egress prefix {p} has host bits set; did you mean {}?",
-                    p.trunc()
-                )));
-            }
-            if let IpNet::V6(n) = p {
-                let mapped: ipnet::Ipv6Net = "::ffff:0:0/96".parse().expect("valid literal");
-                if mapped.contains(n) {
-                    return Err(EgressError::InvalidConfig(format!(
-                        "egress prefix {p} overlaps IPv4-mapped space ::ffff:0:0/96; configure the IPv4 prefix itself"
-                    )));
-                }
-            }
-            for q in &cfg.prefixes[..i] {
-                if p.contains(q) || q.contains(p) {
-                    return Err(EgressError::InvalidConfig(format!(
-                        "egress prefixes {q} and {p} overlap"
-                    )));
-                }
-            }
-            if !Block::new(*p).has_usable_address() {
-                return Err(EgressError::InvalidConfig(format!(
-                    "egress prefix {p} holds only reserved interface identifiers (RFC 5453)"
-                )));
-            }
-        }
+        check_config(cfg, epoch)?;
         let (v6, v4): (Vec<Block>, Vec<Block>) = cfg
             .prefixes
             .iter()

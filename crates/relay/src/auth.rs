@@ -6,7 +6,7 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{parse_token_hash, AuthConfig};
+use crate::config::{AuthConfig, ConfigError, TokenHash};
 
 /// The verdict on one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,32 +37,28 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
-/// Hex SHA-256 of a token, the form tokens are configured in.
-pub fn token_hash_hex(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
 impl Authenticator {
     /// Builds from config plus any extra plaintext tokens (the generated dev token).
-    pub fn new(cfg: &AuthConfig, extra_tokens: &[String]) -> Result<Self, String> {
-        let mut hashes = Vec::new();
-        for h in &cfg.token_sha256 {
-            hashes.push(parse_token_hash(h)?);
-        }
+    pub fn new(cfg: &AuthConfig, extra_tokens: &[String]) -> Result<Self, ConfigError> {
+        let mut hashes: Vec<[u8; 32]> = cfg.token_sha256.iter().map(|h| h.0).collect();
         if let Some(file) = &cfg.token_file {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| format!("auth.token_file {}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::TokenFile {
+                path: file.clone(),
+                source,
+            })?;
             for line in text
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
             {
-                hashes.push(parse_token_hash(line).map_err(|e| format!("auth.token_file: {e}"))?);
+                let hash: TokenHash = line.parse().map_err(|message| ConfigError::Invalid {
+                    key: "auth.token_file",
+                    message,
+                })?;
+                hashes.push(hash.0);
             }
         }
-        for t in extra_tokens {
-            hashes.push(Sha256::digest(t.as_bytes()).into());
-        }
+        hashes.extend(extra_tokens.iter().map(|t| TokenHash::of(t).0));
         Ok(Self {
             hashes,
             mtls: cfg.client_ca.is_some(),
@@ -187,7 +183,7 @@ mod tests {
     #[test]
     fn bearer_tokens_are_checked_against_hashes() {
         let cfg = AuthConfig {
-            token_sha256: vec![token_hash_hex("s3cret")],
+            token_sha256: vec![TokenHash::of("s3cret")],
             ..Default::default()
         };
         let a = Authenticator::new(&cfg, &[]).unwrap();

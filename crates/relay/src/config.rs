@@ -2,12 +2,12 @@
 //! once at start-up. Nothing else in the relay parses configuration strings.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 pub use cfr_egress::{EgressConfig, EgressPolicy, Fallback};
 
@@ -67,7 +67,7 @@ impl Default for RelayConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// SHA-256 (hex) of accepted bearer tokens.
-    pub token_sha256: Vec<String>,
+    pub token_sha256: Vec<TokenHash>,
     /// File with one SHA-256 (hex) token hash per line (`#` comments allowed).
     pub token_file: Option<PathBuf>,
     /// PEM CA bundle: a client certificate chaining to it authenticates the connection (mTLS).
@@ -87,7 +87,7 @@ pub struct PolicyConfig {
     /// Destinations always refused (checked before `allow`).
     pub deny: Vec<IpNet>,
     /// Allowed destination ports: `"443"` or `"1-65535"` entries.
-    pub ports: Vec<String>,
+    pub ports: Vec<PortRange>,
 }
 
 impl Default for PolicyConfig {
@@ -95,7 +95,7 @@ impl Default for PolicyConfig {
         Self {
             allow: Vec::new(),
             deny: Vec::new(),
-            ports: vec!["1-65535".to_owned()],
+            ports: vec![PortRange::ALL],
         }
     }
 }
@@ -188,16 +188,32 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("invalid value for `egress`: {0}")]
+    Egress(#[source] cfr_egress::EgressError),
+    #[error("cannot read `auth.token_file` {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl RelayConfig {
     /// Reads and validates a TOML file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let cfg = Self::read_file(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a TOML file into typed values (token hashes, port ranges, CIDRs, addresses) without
+    /// the [`validate`](Self::validate) rules, for callers that change it further before
+    /// validating once (`cfr relay` applies its flags; `Relay::bind` validates).
+    pub fn read_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        Self::parse_toml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 message,
@@ -208,12 +224,16 @@ impl RelayConfig {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: RelayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<config>"),
-            message: e.to_string(),
-        })?;
+        let cfg = Self::parse_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    fn parse_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })
     }
 
     /// The effective configuration as TOML (what `cfr check-config` prints).
@@ -221,7 +241,8 @@ impl RelayConfig {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
-    /// Checks ranges and cross-field rules; the error names the offending key.
+    /// Checks ranges and cross-field rules; the error names the offending key. Syntax (token
+    /// hashes, port ranges, CIDRs) was checked when the values were parsed.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
             if v == 0 {
@@ -258,27 +279,13 @@ impl RelayConfig {
         positive("timeouts.tcp_idle_secs", t.tcp_idle_secs)?;
         positive("timeouts.udp_idle_secs", t.udp_idle_secs)?;
         positive("timeouts.connection_idle_secs", t.connection_idle_secs)?;
-        parse_port_ranges(&self.policy.ports).map_err(|message| ConfigError::Invalid {
-            key: "policy.ports",
-            message,
-        })?;
-        for h in &self.auth.token_sha256 {
-            parse_token_hash(h).map_err(|message| ConfigError::Invalid {
-                key: "auth.token_sha256",
-                message,
-            })?;
-        }
         if self.auth.require_client_cert && self.auth.client_ca.is_none() {
             return Err(ConfigError::Invalid {
                 key: "auth.require_client_cert",
                 message: "needs auth.client_ca".into(),
             });
         }
-        cfr_egress::EgressPool::new(&self.egress).map_err(|e| ConfigError::Invalid {
-            key: "egress",
-            message: e.to_string(),
-        })?;
-        Ok(())
+        self.egress.validate().map_err(ConfigError::Egress)
     }
 
     pub fn handshake_timeout(&self) -> Duration {
@@ -286,37 +293,129 @@ impl RelayConfig {
     }
 }
 
-/// Parses `["443", "8000-8999"]` into inclusive ranges; port 0 is never allowed.
-pub fn parse_port_ranges(entries: &[String]) -> Result<Vec<RangeInclusive<u16>>, String> {
-    entries
-        .iter()
-        .map(|e| {
-            let (lo, hi) = match e.split_once('-') {
-                Some((a, b)) => (a.trim(), b.trim()),
-                None => (e.trim(), e.trim()),
-            };
-            let lo: u16 = lo
-                .parse()
-                .map_err(|_| format!("`{e}` is not a port or port range"))?;
-            let hi: u16 = hi
-                .parse()
-                .map_err(|_| format!("`{e}` is not a port or port range"))?;
-            if lo == 0 || lo > hi {
-                return Err(format!(
-                    "`{e}`: ranges must be within 1-65535 and ascending"
-                ));
-            }
-            Ok(lo..=hi)
-        })
-        .collect()
+/// An inclusive range of destination ports, written `"443"` or `"8000-8999"`; never port 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    first: u16,
+    last: u16,
 }
 
-/// Parses a hex SHA-256 token hash.
-pub fn parse_token_hash(hex_hash: &str) -> Result<[u8; 32], String> {
-    let bytes = hex::decode(hex_hash.trim()).map_err(|_| "token hash is not hex".to_string())?;
-    bytes
-        .try_into()
-        .map_err(|_| "token hash must be 32 bytes (64 hex digits) of SHA-256".to_string())
+impl PortRange {
+    /// Every port a destination can have.
+    pub const ALL: PortRange = PortRange {
+        first: 1,
+        last: u16::MAX,
+    };
+
+    /// One port; `None` for port 0.
+    pub fn single(port: u16) -> Option<PortRange> {
+        (port != 0).then_some(PortRange {
+            first: port,
+            last: port,
+        })
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(entry: &str) -> Result<Self, String> {
+        let (lo, hi) = match entry.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (entry.trim(), entry.trim()),
+        };
+        let port = |s: &str| {
+            s.parse::<u16>()
+                .map_err(|_| format!("`{entry}` is not a port or port range"))
+        };
+        let (first, last) = (port(lo)?, port(hi)?);
+        if first == 0 || first > last {
+            return Err(format!(
+                "`{entry}`: ranges must be within 1-65535 and ascending"
+            ));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+// Only `policy.ports` holds port ranges; the key is named here because TOML parse errors name
+// the line, not the dotted key.
+impl TryFrom<String> for PortRange {
+    type Error = String;
+
+    fn try_from(entry: String) -> Result<Self, String> {
+        entry.parse().map_err(|e| format!("policy.ports: {e}"))
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> String {
+        r.to_string()
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// The SHA-256 of a bearer token, written as 64 hex digits; the relay never stores tokens.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    /// The hash of a plaintext token, the form tokens are configured in.
+    pub fn of(token: &str) -> TokenHash {
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+impl std::str::FromStr for TokenHash {
+    type Err = String;
+
+    fn from_str(hex_hash: &str) -> Result<Self, String> {
+        let bytes =
+            hex::decode(hex_hash.trim()).map_err(|_| "token hash is not hex".to_string())?;
+        let hash: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "token hash must be 32 bytes (64 hex digits) of SHA-256".to_string())?;
+        Ok(TokenHash(hash))
+    }
+}
+
+// In the config file token hashes are `auth.token_sha256` entries (`auth.token_file` lines are
+// parsed with `FromStr` and named by the caller).
+impl TryFrom<String> for TokenHash {
+    type Error = String;
+
+    fn try_from(hex_hash: String) -> Result<Self, String> {
+        hex_hash
+            .parse()
+            .map_err(|e| format!("auth.token_sha256: {e}"))
+    }
+}
+
+impl From<TokenHash> for String {
+    fn from(h: TokenHash) -> String {
+        hex::encode(h.0)
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHash({})", hex::encode(self.0))
+    }
 }
 
 /// Fuzz property for the config loader (used by `fuzz/fuzz_targets/config_loader.rs` and the
@@ -379,8 +478,30 @@ mod tests {
     }
 
     #[test]
-    fn port_ranges_parse() {
-        let r = parse_port_ranges(&["443".into(), "8000-8999".into()]).unwrap();
-        assert_eq!(r, vec![443..=443, 8000..=8999]);
+    fn port_ranges_parse_and_render_back() {
+        let cfg = RelayConfig::from_toml("[policy]\nports = [\"443\", \"8000-8999\"]\n").unwrap();
+        assert_eq!(
+            cfg.policy.ports,
+            vec![
+                PortRange::single(443).unwrap(),
+                PortRange {
+                    first: 8000,
+                    last: 8999
+                }
+            ]
+        );
+        assert!(cfg.policy.ports[1].contains(8500) && !cfg.policy.ports[1].contains(9000));
+        assert_eq!(RelayConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        assert_eq!(PortRange::single(0), None, "port 0 is never a destination");
+    }
+
+    #[test]
+    fn token_hashes_are_parsed_at_load_and_name_their_key() {
+        let hash = String::from(TokenHash::of("s3cret"));
+        let cfg =
+            RelayConfig::from_toml(&format!("[auth]\ntoken_sha256 = [\"{hash}\"]\n")).unwrap();
+        assert_eq!(cfg.auth.token_sha256, vec![TokenHash::of("s3cret")]);
+        let err = RelayConfig::from_toml("[auth]\ntoken_sha256 = [\"abc\"]\n").unwrap_err();
+        assert!(err.to_string().contains("auth.token_sha256"), "{err}");
     }
 }

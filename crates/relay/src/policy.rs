@@ -3,11 +3,11 @@
 //! Applied to every address right before it is dialled (literals and resolved names alike), and
 //! the checked address is the one dialled — no re-resolution — so DNS rebinding cannot bypass it.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::ops::RangeInclusive;
+use std::sync::LazyLock;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::config::{parse_port_ranges, PolicyConfig};
+use crate::config::{PolicyConfig, PortRange};
 
 /// Why a destination was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +39,7 @@ impl Refusal {
 pub struct DestinationPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
-    ports: Vec<RangeInclusive<u16>>,
+    ports: Vec<PortRange>,
     /// Socket addresses of the relay's own listeners: refused even when `allow` covers them, so a
     /// client cannot loop the relay into itself.
     own_sockets: Vec<SocketAddr>,
@@ -51,15 +51,15 @@ pub struct DestinationPolicy {
 }
 
 impl DestinationPolicy {
-    pub fn new(cfg: &PolicyConfig) -> Result<Self, String> {
-        Ok(Self {
+    pub fn new(cfg: &PolicyConfig) -> Self {
+        Self {
             allow: cfg.allow.clone(),
             deny: cfg.deny.clone(),
-            ports: parse_port_ranges(&cfg.ports)?,
+            ports: cfg.ports.clone(),
             own_sockets: Vec::new(),
             own_nets: Vec::new(),
             own_hosts: Vec::new(),
-        })
+        }
     }
 
     /// Registers a listener of the relay: its port on its address is never a valid destination.
@@ -95,7 +95,7 @@ impl DestinationPolicy {
     /// Decides whether `dest` may be dialled.
     pub fn check(&self, dest: SocketAddr) -> Result<(), Refusal> {
         let ip = canonical(dest.ip());
-        if !self.ports.iter().any(|r| r.contains(&dest.port())) {
+        if !self.ports.iter().any(|r| r.contains(dest.port())) {
             return Err(Refusal::Port);
         }
         for own in &self.own_sockets {
@@ -243,6 +243,23 @@ const V6_RESERVED: &[(&str, &str)] = &[
     ("ff00::/8", "multicast destination not allowed"),
 ];
 
+/// [`V4_RESERVED`] parsed, once per process rather than per dial.
+static RESERVED_V4: LazyLock<Vec<(Ipv4Net, &'static str)>> =
+    LazyLock::new(|| parse_table(V4_RESERVED));
+/// [`V6_RESERVED`] parsed, once per process rather than per dial.
+static RESERVED_V6: LazyLock<Vec<(Ipv6Net, &'static str)>> =
+    LazyLock::new(|| parse_table(V6_RESERVED));
+
+fn parse_table<N: std::str::FromStr>(table: &[(&str, &'static str)]) -> Vec<(N, &'static str)>
+where
+    N::Err: std::fmt::Debug,
+{
+    table
+        .iter()
+        .map(|(net, why)| (net.parse().expect("static net"), *why))
+        .collect()
+}
+
 /// Names the reserved range `ip` falls in, looking through IPv4-mapped, IPv4-compatible, NAT64
 /// (64:ff9b::/96) and 6to4 (2002::/16) forms to the embedded IPv4 address.
 pub fn reserved(ip: IpAddr) -> Option<&'static str> {
@@ -256,18 +273,18 @@ pub fn reserved(ip: IpAddr) -> Option<&'static str> {
             if let Some(why) = embedded_v4(v6).and_then(reserved_v4) {
                 return Some(why);
             }
-            V6_RESERVED
+            RESERVED_V6
                 .iter()
-                .find(|(net, _)| net.parse::<Ipv6Net>().expect("static net").contains(&v6))
+                .find(|(net, _)| net.contains(&v6))
                 .map(|(_, why)| *why)
         }
     }
 }
 
 fn reserved_v4(v4: Ipv4Addr) -> Option<&'static str> {
-    V4_RESERVED
+    RESERVED_V4
         .iter()
-        .find(|(net, _)| net.parse::<Ipv4Net>().expect("static net").contains(&v4))
+        .find(|(net, _)| net.contains(&v4))
         .map(|(_, why)| *why)
 }
 
@@ -307,7 +324,7 @@ mod tests {
     use super::*;
 
     fn policy() -> DestinationPolicy {
-        DestinationPolicy::new(&PolicyConfig::default()).unwrap()
+        DestinationPolicy::new(&PolicyConfig::default())
     }
 
     fn sa(s: &str) -> SocketAddr {
@@ -374,9 +391,8 @@ mod tests {
                 "8.8.0.0/16".parse().unwrap(),
             ],
             deny: vec!["8.8.8.0/24".parse().unwrap()],
-            ports: vec!["1-65535".into()],
-        })
-        .unwrap();
+            ports: vec![PortRange::ALL],
+        });
         assert_eq!(p.check(sa("127.0.0.1")), Ok(()));
         assert_eq!(p.check(sa("::ffff:127.0.0.1")), Ok(()));
         assert_eq!(p.check(sa("8.8.8.8")), Err(Refusal::OperatorDenied));
@@ -385,10 +401,9 @@ mod tests {
     #[test]
     fn ports_outside_the_allow_list_are_refused() {
         let p = DestinationPolicy::new(&PolicyConfig {
-            ports: vec!["443".into()],
+            ports: vec![PortRange::single(443).unwrap()],
             ..Default::default()
-        })
-        .unwrap();
+        });
         assert_eq!(p.check("8.8.8.8:443".parse().unwrap()), Ok(()));
         assert_eq!(p.check("8.8.8.8:80".parse().unwrap()), Err(Refusal::Port));
     }
@@ -413,8 +428,7 @@ mod tests {
         let mut allowed = DestinationPolicy::new(&PolicyConfig {
             allow: vec!["203.0.114.0/24".parse().unwrap()],
             ..Default::default()
-        })
-        .unwrap();
+        });
         allowed.add_unspecified_listener(443, &[host]);
         assert_eq!(allowed.check(SocketAddr::new(host, 22)), Ok(()));
         // ...but never the listener itself.
@@ -437,8 +451,7 @@ mod tests {
         let mut p = DestinationPolicy::new(&PolicyConfig {
             allow: vec!["127.0.0.0/8".parse().unwrap()],
             ..Default::default()
-        })
-        .unwrap();
+        });
         p.add_own_socket("127.0.0.1:4433".parse().unwrap());
         p.add_own_net("2001:db8:cf::/64".parse().unwrap());
         assert_eq!(
@@ -457,8 +470,7 @@ mod tests {
         let mut p = DestinationPolicy::new(&PolicyConfig {
             allow: vec!["127.0.0.0/8".parse().unwrap()],
             ..Default::default()
-        })
-        .unwrap();
+        });
         p.add_own_net("127.1.0.0/16".parse().unwrap());
         assert_eq!(p.check(sa("127.0.0.1")), Ok(()));
         for own in ["127.1.2.3", "::ffff:127.1.2.3"] {
@@ -471,8 +483,7 @@ mod tests {
         let p = DestinationPolicy::new(&PolicyConfig {
             deny: vec!["8.8.8.0/24".parse().unwrap()],
             ..Default::default()
-        })
-        .unwrap();
+        });
         for spelling in [
             "8.8.8.8",
             "::ffff:8.8.8.8",

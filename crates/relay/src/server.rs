@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::config::RelayConfig;
+use crate::config::{ConfigError, RelayConfig};
 use crate::front::FrontCtx;
 use crate::http3;
 use crate::metrics as m;
@@ -24,7 +24,9 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    QuicTls(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -64,13 +66,12 @@ impl Relay {
         resolver: Arc<dyn Resolver>,
         extra_tokens: &[String],
     ) -> Result<Relay, StartError> {
-        config
-            .validate()
-            .map_err(|e| StartError::Config(e.to_string()))?;
-        let auth = Authenticator::new(&config.auth, extra_tokens).map_err(StartError::Config)?;
-        let mut policy = DestinationPolicy::new(&config.policy).map_err(StartError::Config)?;
-        let egress = cfr_egress::EgressPool::new(&config.egress)
-            .map_err(|e| StartError::Config(e.to_string()))?;
+        // The one validation of this start: `cfr relay` applies its flags to the parsed file first;
+        // library callers build configs in code.
+        config.validate()?;
+        let auth = Authenticator::new(&config.auth, extra_tokens)?;
+        let mut policy = DestinationPolicy::new(&config.policy);
+        let egress = cfr_egress::EgressPool::new(&config.egress).map_err(ConfigError::Egress)?;
         for net in egress.prefixes() {
             policy.add_own_net(*net);
         }
@@ -80,8 +81,7 @@ impl Relay {
             config.auth.client_ca.as_deref(),
             &[tls::ALPN_H3],
         )?;
-        let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| StartError::Config(format!("TLS config unusable for QUIC: {e}")))?;
+        let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let listen = config.listen;
         // Bind first so the own-address rule knows the real ports.
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));

@@ -40,7 +40,7 @@ pub fn test_config(dir: &std::path::Path) -> RelayConfig {
         state_dir: dir.to_owned(),
         ..RelayConfig::default()
     };
-    cfg.auth.token_sha256 = vec![cfr_relay::auth::token_hash_hex(TEST_TOKEN)];
+    cfg.auth.token_sha256 = vec![cfr_relay::config::TokenHash::of(TEST_TOKEN)];
     cfg.policy.allow = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
     cfg.resolver.hosts_only = true;
     let v4: IpAddr = "127.0.0.1".parse().unwrap();

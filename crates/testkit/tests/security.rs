@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cfr_client::{ClientError, RelayClient};
 use cfr_proto::{Host, ProxyError, Target};
+use cfr_relay::config::PortRange;
 use cfr_relay::resolve::{ResolveFuture, Resolver};
 use cfr_relay::tunnel::RelayCounters;
 use cfr_relay::HostsThenSystem;
@@ -425,7 +426,10 @@ async fn operator_deny_beats_allow_and_ports_outside_the_list_are_refused() {
     ];
     let relay = TestRelay::start_with(|c| {
         c.policy.deny = vec!["127.0.0.2/32".parse().unwrap()];
-        c.policy.ports = ports.iter().map(u16::to_string).collect();
+        c.policy.ports = ports
+            .iter()
+            .map(|&p| PortRange::single(p).expect("a destination port"))
+            .collect();
         c.resolver
             .hosts
             .insert("denied.test".into(), vec!["127.0.0.2".parse().unwrap()]);
