@@ -20,8 +20,13 @@ pub const MAX_QUARTER_STREAM_ID: u64 = (1 << 60) - 1;
 pub fn split_quarter_stream_id(frame: &Bytes) -> Result<(u64, Bytes), DecodeError> {
     let (qsid, used) = varint::decode(frame)
         .map_err(|_| DecodeError::Malformed("HTTP datagram too short for its quarter stream ID"))?;
-    // RFC 9297 §2.1: "Quarter Stream IDs [...] MUST NOT exceed 2^60-1"; receipt of a larger
-    // value "MUST be treated as an HTTP/3 connection error of type H3_DATAGRAM_ERROR".
+    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+    //# The largest legal QUIC stream ID value is 2^62-1, so the
+    //# largest legal value of the Quarter Stream ID field is 2^60-1. Receipt
+    //# of an HTTP/3 Datagram that includes a larger value MUST be treated as an HTTP/3
+    //# connection error of type H3_DATAGRAM_ERROR (0x33).
+    //
+    // Reported as Malformed; the caller (`cfr_relay::http3`) closes the connection.
     if qsid > MAX_QUARTER_STREAM_ID {
         return Err(DecodeError::Malformed("quarter stream ID exceeds 2^60-1"));
     }

@@ -177,10 +177,25 @@ async fn route_datagrams(core: Arc<Core>, quic: quinn::Connection, router: Arc<D
                     None => core.datagram_dropped("datagram_unknown_stream"),
                 }
             }
-            Err(_) => core.datagram_dropped("malformed_datagram"),
+            //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+            //# Receipt of a QUIC DATAGRAM frame whose payload is too short to allow
+            //# parsing the Quarter Stream ID field MUST be treated as an HTTP/3
+            //# connection error of type H3_DATAGRAM_ERROR (0x33).
+            //
+            // `split_quarter_stream_id` also refuses a value above 2^60-1, the other
+            // connection error of that section (quoted there).
+            Err(e) => {
+                core.datagram_dropped("malformed_datagram");
+                tracing::debug!(error = %e, "malformed HTTP datagram: closing the connection");
+                quic.close(H3_DATAGRAM_ERROR, b"malformed HTTP datagram");
+                return;
+            }
         }
     }
 }
+
+/// RFC 9297 §5.2: "Datagram or Capsule Protocol parse error".
+const H3_DATAGRAM_ERROR: quinn::VarInt = quinn::VarInt::from_u32(0x33);
 
 struct H3Exchange {
     stream: RequestStream<BidiStream, Bytes>,

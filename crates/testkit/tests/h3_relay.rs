@@ -458,3 +458,32 @@ async fn a_request_stream_without_complete_headers_is_closed_after_the_handshake
     // The connection itself is fine.
     tcp_roundtrip(&client, &target(echo.addr()), b"after stalled stream").await;
 }
+
+/// RFC 9297 §2.1: a QUIC DATAGRAM frame too short to hold its quarter stream ID is a connection
+/// error H3_DATAGRAM_ERROR (0x33), not a datagram to drop.
+#[tokio::test]
+async fn a_truncated_quarter_stream_id_closes_the_connection_with_h3_datagram_error() {
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let req = http::Request::builder()
+        .method(http::Method::GET)
+        .uri("https://localhost/")
+        .body(())
+        .unwrap();
+    let raw = client.send_request(req).await.unwrap();
+    // 0x40 announces a two-byte varint; the frame ends after its first byte.
+    raw.quic
+        .send_datagram(bytes::Bytes::from_static(&[0x40]))
+        .expect("the relay advertises max_datagram_frame_size");
+    let closed = tokio::time::timeout(LIMIT, raw.quic.closed())
+        .await
+        .expect("the relay must close the connection");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            close.error_code,
+            quinn::VarInt::from_u32(0x33),
+            "closed with {close:?}, want H3_DATAGRAM_ERROR"
+        ),
+        other => panic!("want an application close with H3_DATAGRAM_ERROR, got {other:?}"),
+    }
+}
