@@ -68,14 +68,24 @@ fn new_socket(family_of: IpAddr, proto: Proto) -> io::Result<Socket> {
     }
     socket.set_nonblocking(true)?;
     if proto == Proto::Udp {
+        //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+        //# UDP proxies MUST NOT introduce fragmentation at the IP layer when forwarding
+        //# HTTP Datagrams onto a UDP socket; overly large datagrams are silently dropped.
+        //# In IPv4, the Don't Fragment (DF) bit MUST be set, if possible, to prevent
+        //# fragmentation on the path.
+        //
+        //= https://www.rfc-editor.org/rfc/rfc9298#section-6.2
+        //# A UDP proxy MUST ignore ECN bits in the IP header of UDP packets received from
+        //# the target, and it MUST set the ECN bits to Not-ECT on UDP packets it sends to
+        //# the target.
         if family_of.is_ipv6() {
-            // RFC 9298 §5: the proxy must not fragment UDP payloads. PROBE sets DF-equivalent behaviour
-            // without caching a path MTU: an oversize datagram fails with EMSGSIZE and the caller drops it.
+            // PROBE sets DF-equivalent behaviour without caching a path MTU: an oversize
+            // datagram fails with EMSGSIZE and the caller drops it.
             rustix::net::sockopt::set_ipv6_mtu_discover(&socket, Ipv6PathMtuDiscovery::PROBE)?;
-            // RFC 9298 (SPEC-NOTES): outgoing UDP is Not-ECT unless ECN is implemented end to end.
+            // Not-ECT: the two low traffic-class bits (ECN field) are 0.
             socket.set_tclass_v6(0)?;
         } else {
-            // RFC 9298 §5: must not fragment (DF set, no PMTU cache); see above.
+            // DF set, no PMTU cache; see above.
             rustix::net::sockopt::set_ip_mtu_discover(&socket, Ipv4PathMtuDiscovery::PROBE)?;
             // Not-ECT: the two low TOS bits (ECN field) are 0.
             socket.set_tos(0)?;
@@ -152,9 +162,9 @@ pub async fn connect_tcp(
 }
 
 /// A UDP socket bound to `source` (`None`: kernel-chosen source) and connected to `dest`, so the
-/// kernel drops datagrams that do not come from the target (RFC 9298 §3.2 guidance, SPEC-NOTES: one
-/// connected socket per tunnel). Fragmentation is disabled (RFC 9298 §5) and outgoing ECN is Not-ECT,
-/// with or without a source.
+/// kernel drops datagrams that do not come from the target (RFC 9298 §3.1; one connected socket
+/// per tunnel, docs/spec-notes.md). Fragmentation is disabled and outgoing ECN is Not-ECT (RFC 9298
+/// §3.1, §6.2), with or without a source.
 ///
 /// An IPv4-mapped `dest` is connected over IPv4. Must be called inside a Tokio runtime.
 pub fn bind_udp(source: Option<IpAddr>, dest: SocketAddr) -> io::Result<tokio::net::UdpSocket> {

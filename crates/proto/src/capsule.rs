@@ -94,16 +94,24 @@ fn parse_header(buf: &[u8], max_datagram_len: usize) -> Result<Option<Header>, D
     };
     if capsule_type == DATAGRAM {
         // RFC 9298 §5: a connect-udp HTTP Datagram Payload starts with a Context ID, so an empty
-        // DATAGRAM value "terminates before the end of the identified fields", which RFC 9297 §3.3
-        // says "MUST be treated as if it were a malformed or incomplete message".
+        // DATAGRAM value terminates before the end of the identified fields.
+        //= https://www.rfc-editor.org/rfc/rfc9297#section-3.3
+        //# A Capsule payload that contains additional bytes after the
+        //# identified fields or a Capsule payload that terminates before the end of the
+        //# identified fields MUST be treated as it if were a malformed or incomplete
+        //# message.
         if length == 0 {
             return Err(DecodeError::Malformed(
                 "DATAGRAM capsule without a context ID",
             ));
         }
-        // RFC 9297 §3.5: "if an incoming DATAGRAM capsule has a length that is known to be so
-        // large as to not be usable, the implementation SHOULD discard the capsule without
-        // buffering its contents into memory". We refuse it from the header alone.
+        //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
+        //# If an incoming
+        //# DATAGRAM Capsule has a length that is known to be so large as to not be usable,
+        //# the implementation SHOULD discard the Capsule without buffering its contents
+        //# into memory.
+        //
+        // Refused from the header alone (the stream is aborted, RFC 9298 §5).
         if length > max_datagram_len as u64 {
             return Err(DecodeError::Malformed(
                 "DATAGRAM capsule exceeds the maximum size",
@@ -132,10 +140,16 @@ impl CapsuleDecoder {
         match &mut self.state {
             // Nothing after a malformed capsule can be decoded; do not hold on to it.
             State::Failed(_) => return,
-            // RFC 9297 §3.2: "Endpoints which receive a Capsule with an unknown Capsule Type MUST
-            // silently drop that Capsule and skip over it"; its value is discarded as it streams
-            // past instead of being buffered (the Length may be up to 2^62-1, and §3.2 says
-            // accumulating a whole capsule value SHOULD be avoided).
+            //= https://www.rfc-editor.org/rfc/rfc9297#section-3.2
+            //# Endpoints that receive a Capsule with an unknown Capsule Type MUST silently
+            //# drop that Capsule and skip over it to parse the next Capsule.
+            //
+            //= https://www.rfc-editor.org/rfc/rfc9297#section-3.2
+            //# When processing Capsules, a receiver might be tempted to accumulate the full
+            //# length of the Capsule Value field in the data stream before handling it. This
+            //# approach SHOULD be avoided
+            //
+            // The value is discarded as it streams past (its Length may be up to 2^62-1).
             State::Skipping { remaining, .. } => {
                 let from_buf = (*remaining).min(self.buf.len() as u64) as usize;
                 self.buf.advance(from_buf);
@@ -210,8 +224,8 @@ impl CapsuleDecoder {
             let mut value = self.buf.split_to(value_len).freeze();
             let (context_id, id_len) = match varint::decode(&value) {
                 Ok(v) => v,
-                // RFC 9297 §3.3: "a capsule payload that terminates before the end of the
-                // identified fields MUST be treated as if it were a malformed [...] message".
+                // RFC 9297 §3.3 (quoted above): a payload that ends inside its fields is
+                // malformed.
                 Err(_) => return Err(self.fail("DATAGRAM capsule with a truncated context ID")),
             };
             value.advance(id_len);
@@ -226,9 +240,11 @@ impl CapsuleDecoder {
     pub fn finish(&self) -> Result<(), DecodeError> {
         match &self.state {
             State::Failed(why) => return Err(DecodeError::Malformed(why)),
-            // RFC 9297 §3.3: if the stream "is terminated cleanly [...] and the last capsule on
-            // the stream was truncated, this MUST be treated as if it were a malformed or
-            // incomplete message".
+            //= https://www.rfc-editor.org/rfc/rfc9297#section-3.3
+            //# If the receive side of a stream carrying Capsules is terminated cleanly (for
+            //# example, in HTTP/3 this is defined as receiving a QUIC STREAM frame with the FIN
+            //# bit set) and the last Capsule on the stream was truncated, this MUST be treated
+            //# as if it were a malformed or incomplete message.
             State::Skipping { remaining, .. } if *remaining > self.buf.len() as u64 => {
                 return Err(DecodeError::Malformed("stream ended inside a capsule"));
             }

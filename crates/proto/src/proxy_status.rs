@@ -71,7 +71,7 @@ impl ProxyError {
         ProxyError::ALL.into_iter().find(|e| e.token() == token)
     }
 
-    /// The HTTP status cfr answers with for this error (see ../shared/SPEC-NOTES.md table).
+    /// The HTTP status cfr answers with for this error (the table in docs/spec-notes.md).
     pub fn status(self) -> u16 {
         // Recommended status codes from the RFC 9209 §2.3 entries.
         match self {

@@ -1,5 +1,6 @@
 //! The HTTP/1.1 front-end on hyper: `CONNECT host:port` → `200` then raw bytes, and connect-udp
-//! by Upgrade (RFC 9298 §3.3) → `101` then capsules, both over hyper's upgraded connection.
+//! by Upgrade (request RFC 9298 §3.2, response §3.3) → `101` then capsules, both over hyper's
+//! upgraded connection.
 //!
 //! HTTP/1.1 has no stream reset: an aborted tunnel closes the connection without TLS
 //! close_notify, which the client sees as a truncated (not cleanly finished) stream.
@@ -20,7 +21,7 @@ use crate::tunnel::{
     serve_request, Abort, ClientConn, Exchange, TunnelRecv, TunnelSend, UdpChannels,
 };
 
-/// The upgrade token of connect-udp (RFC 9298 §3.3, §7.1).
+/// The upgrade token of connect-udp (RFC 9298 §3, registered in §8.1).
 const CONNECT_UDP: &str = "connect-udp";
 
 type Response = http::Response<Empty<Bytes>>;
@@ -74,9 +75,14 @@ async fn handle(
 ) -> Response {
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (mut head, _body) = req.into_parts();
-    // RFC 9298 §3.3: over HTTP/1.1, connect-udp is a GET with `Upgrade: connect-udp` (and
+    // RFC 9298 §3.2: over HTTP/1.1, connect-udp is a GET with `Upgrade: connect-udp` (and
     // `Connection: Upgrade`, which hyper checks before it hands over the connection). The core
-    // sees it as the extended CONNECT it is on HTTP/2 and HTTP/3.
+    // sees it as the extended CONNECT it is on HTTP/2 and HTTP/3, and answers a malformed target
+    // with 400.
+    //= https://www.rfc-editor.org/rfc/rfc9298#section-3.2
+    //# A UDP proxying request that does not conform to these restrictions is malformed.
+    //# The recipient of such a malformed request MUST respond with an error and SHOULD
+    //# use the 400 (Bad Request) status code.
     let upgrade_udp = head.method == http::Method::GET && upgrade_requested(&head.headers);
     let protocol = upgrade_udp.then(|| {
         head.method = http::Method::CONNECT;
@@ -134,8 +140,8 @@ impl Exchange for H1Exchange {
         parts.headers.insert(http::header::ALT_SVC, self.alt_svc);
         let ok = parts.status.is_success();
         if ok && self.upgrade_udp {
-            // RFC 9298 §3.3: `101 Switching Protocols` with `Upgrade: connect-udp` (the core
-            // already added `Capsule-Protocol: ?1`).
+            // RFC 9298 §3.3: `101 Switching Protocols` with `Connection: Upgrade` and
+            // `Upgrade: connect-udp` (the core already added `Capsule-Protocol: ?1`).
             parts.status = http::StatusCode::SWITCHING_PROTOCOLS;
             parts.headers.insert(
                 http::header::UPGRADE,
@@ -169,7 +175,7 @@ impl Exchange for H1Exchange {
     }
 
     fn udp_channels(&mut self) -> UdpChannels {
-        // Capsules only (RFC 9298 §3.3, RFC 9297 §3.5).
+        // Capsules only (RFC 9297 §3.5).
         UdpChannels {
             datagrams_in: None,
             datagrams_out: None,

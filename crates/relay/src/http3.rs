@@ -59,7 +59,11 @@ pub(crate) async fn serve_connection(
         tasks,
         ..
     } = ctx;
-    // RFC 9297 §2.1.1 / RFC 9220 §3: advertise H3_DATAGRAM=1 and ENABLE_CONNECT_PROTOCOL=1.
+    // RFC 9220 §3: ENABLE_CONNECT_PROTOCOL=1, so clients may send `:protocol` (connect-udp).
+    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1.1
+    //# It is RECOMMENDED that implementations that support receiving HTTP/3 Datagrams
+    //# always send the SETTINGS_H3_DATAGRAM setting with a value of 1,
+    //# even if the application does not intend to use HTTP/3 Datagrams.
     let mut h3 = match h3::server::builder()
         .enable_extended_connect(true)
         .enable_datagram(true)
@@ -83,13 +87,21 @@ pub(crate) async fn serve_connection(
         tokio::select! {
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
-                // RFC 9114 §5.2: GOAWAY; requests already accepted run to completion.
+                //= https://www.rfc-editor.org/rfc/rfc9114#section-5.2
+                //# Servers SHOULD send a GOAWAY frame when the closing of a connection
+                //# is known in advance, even if the advance notice is small, so that the
+                //# remote peer can know whether or not a request has been partially
+                //# processed.
+                //
+                // Requests already accepted run to completion.
                 let _ = h3.shutdown(0).await;
                 requests.close();
             }
             _ = requests.wait(), if draining => {
-                // RFC 9114 §5.2: once the requests below the GOAWAY identifier are done, the
-                // endpoint may close the connection (H3_NO_ERROR).
+                //= https://www.rfc-editor.org/rfc/rfc9114#section-5.2
+                //# An endpoint that completes a
+                //# graceful shutdown SHOULD use the H3_NO_ERROR error code when closing
+                //# the connection.
                 quic.close(quinn::VarInt::from_u32(0x100), b"shutdown");
                 break;
             }
@@ -172,8 +184,17 @@ async fn route_datagrams(core: Arc<Core>, quic: quinn::Connection, router: Arc<D
                             core.datagram_dropped("datagram_queue_full");
                         }
                     }
-                    // RFC 9297 §2.1: datagrams for streams without a tunnel are dropped (they may
-                    // arrive before the request or after its end).
+                    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+                    //# If a datagram is received after the corresponding stream's receive side is
+                    //# closed, the received datagrams MUST be silently dropped.
+                    //
+                    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+                    //# If an HTTP/3 Datagram is received and its Quarter Stream ID field maps to a
+                    //# stream that has not yet been created, the receiver SHALL either drop that
+                    //# datagram silently or buffer it temporarily (on the order of a round trip) while
+                    //# awaiting the creation of the corresponding stream.
+                    //
+                    // Dropped (and counted) either way: the router cannot tell the two apart.
                     None => core.datagram_dropped("datagram_unknown_stream"),
                 }
             }
@@ -194,7 +215,7 @@ async fn route_datagrams(core: Arc<Core>, quic: quinn::Connection, router: Arc<D
     }
 }
 
-/// RFC 9297 §5.2: "Datagram or Capsule Protocol parse error".
+/// H3_DATAGRAM_ERROR (RFC 9297 §5.2): "Datagram or Capsule Protocol parse error".
 const H3_DATAGRAM_ERROR: quinn::VarInt = quinn::VarInt::from_u32(0x33);
 
 struct H3Exchange {
@@ -238,8 +259,12 @@ impl Exchange for H3Exchange {
         let qsid = cfr_proto::datagram::quarter_stream_id(self.stream.id().into_inner());
         let (tx, rx) = mpsc::channel(self.queue);
         self.router.register(qsid, tx);
-        // RFC 9297 §2.1.1: send QUIC DATAGRAM frames only if the client sent SETTINGS_H3_DATAGRAM=1
-        // and the max_datagram_frame_size transport parameter.
+        //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1.1
+        //# QUIC DATAGRAM frames MUST NOT be sent until the SETTINGS_H3_DATAGRAM setting
+        //# has been both sent and received with a value of 1.
+        //
+        // The relay always sends it; the client's value and its max_datagram_frame_size
+        // transport parameter (RFC 9221) decide.
         let negotiated =
             self.stream.settings().enable_datagram() && self.quic.max_datagram_size().is_some();
         let out: Option<Box<dyn DatagramOut>> = negotiated.then(|| {

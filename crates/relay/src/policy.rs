@@ -93,6 +93,11 @@ impl DestinationPolicy {
     }
 
     /// Decides whether `dest` may be dialled.
+    //= https://www.rfc-editor.org/rfc/rfc9114#section-4.4
+    //# Since CONNECT creates a tunnel to an arbitrary server, proxies that
+    //# support CONNECT SHOULD restrict its use to a set of known ports or a
+    //# list of safe request targets; see Section 9.3.6 of [HTTP] for more
+    //# details.
     pub fn check(&self, dest: SocketAddr) -> Result<(), Refusal> {
         let ip = canonical(dest.ip());
         if !self.ports.iter().any(|r| r.contains(dest.port())) {

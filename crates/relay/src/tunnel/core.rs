@@ -274,7 +274,11 @@ impl Core {
     }
 
     /// Opens the UDP socket of a CONNECT-UDP tunnel, bound to its egress address and connected to
-    /// the target (RFC 9298 §5: a connected socket lets the kernel drop packets from other peers).
+    /// the target, so the kernel drops packets from any other peer.
+    //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+    //# UDP proxies can use connected UDP sockets if their operating system supports
+    //# them, as that allows the UDP proxy to rely on the kernel to only send it UDP
+    //# packets that match the correct 5-tuple.
     pub async fn open_udp(
         &self,
         conn: &ClientConn,

@@ -21,8 +21,9 @@ pub struct TunnelRequest {
 
 /// Validates a request head: method, `:protocol`, target syntax.
 ///
-/// RFC 9114 §4.4 / RFC 9113 §8.5: classic CONNECT names the target in `:authority`.
-/// RFC 9298 §3: connect-udp uses extended CONNECT (`:protocol connect-udp`) and the URI template.
+/// Classic CONNECT names the target in `:authority` (RFC 9114 §4.4, RFC 9113 §8.5); connect-udp
+/// is an extended CONNECT (`:protocol connect-udp`, RFC 9298 §3.4) whose path follows the URI
+/// template (RFC 9298 §3; `cfr_proto::target` quotes its rules).
 pub fn classify(
     method: &http::Method,
     protocol: Option<&str>,
@@ -75,6 +76,19 @@ pub fn classify(
 
 /// The whole life of one tunnel request on any front-end: authenticate (before any DNS lookup or
 /// dial), validate, admit against limits, open the destination side, answer, relay, log.
+//= https://www.rfc-editor.org/rfc/rfc9114#section-4.4
+//# A proxy that supports CONNECT establishes a TCP connection
+//# ([RFC0793]) to the server identified in the :authority pseudo-header
+//# field.  Once this connection is successfully established, the proxy
+//# sends a HEADERS frame containing a 2xx series status code to the
+//# client, as defined in Section 15.3 of [HTTP].
+//
+//= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+//# However, if
+//# the "target_host" is a DNS name, the UDP proxy MUST perform DNS resolution
+//# before replying to the HTTP request. If errors occur during this process, the
+//# UDP proxy MUST reject the request and SHOULD send details using an appropriate
+//# Proxy-Status header field [PROXY-STATUS].
 pub async fn serve_request<E: Exchange>(
     core: &Core,
     conn: &ClientConn,
@@ -143,7 +157,11 @@ async fn open_response<E: Exchange>(
 ) -> Option<(E::Recv, E::Send)> {
     let mut b = http::Response::builder().status(200);
     if capsules {
-        // RFC 9298 §3.3 / RFC 9297 §3.4: the 2xx response carries `Capsule-Protocol: ?1`.
+        //= https://www.rfc-editor.org/rfc/rfc9297#section-3.4
+        //# When using the Capsule Protocol, HTTP endpoints SHOULD send the Capsule-Protocol
+        //# header field to simplify intermediary processing.
+        //
+        // RFC 9298 §3.3 and §3.5: the 101 / 2xx response starts the Capsule Protocol.
         b = b.header("capsule-protocol", "?1");
     }
     metrics::counter!(m::TUNNELS, "kind" => kind.as_str(), "outcome" => "ok").increment(1);

@@ -12,11 +12,24 @@ use super::exchange::{TunnelRecv, TunnelSend};
 use super::pump::{abort_client, Activity, TunnelOutcome, TunnelStats};
 use crate::metrics as m;
 
-/// Moves a TCP byte stream both ways until both directions have ended.
-///
-/// RFC 9114 §4.4: FIN from the client becomes a TCP FIN (half-close) and vice versa; a TCP reset or
-/// error from the destination resets the client stream with H3_CONNECT_ERROR; a client reset
-/// aborts the TCP connection (RST).
+/// Moves a TCP byte stream both ways until both directions have ended: FIN from the client
+/// becomes a TCP FIN (half-close) and vice versa; a TCP reset or error from the destination
+/// resets the client stream (H3_CONNECT_ERROR, HTTP/2 CONNECT_ERROR, RFC 9113 §8.5); a client
+/// reset aborts the TCP connection with RST.
+//= https://www.rfc-editor.org/rfc/rfc9114#section-4.4
+//# A proxy treats any error in the TCP connection, which
+//# includes receiving a TCP segment with the RST bit set, as a stream
+//# error of type H3_CONNECT_ERROR.
+//
+//= https://www.rfc-editor.org/rfc/rfc9114#section-4.4
+//# If the proxy
+//# detects that the client has reset the stream or aborted reading from
+//# the stream, it MUST close the TCP connection.
+//
+//= https://www.rfc-editor.org/rfc/rfc9114#section-4.4
+//# In all these cases, if the
+//# underlying TCP implementation permits it, the proxy SHOULD send a TCP
+//# segment with the RST bit set.
 pub async fn relay_tcp<R: TunnelRecv, S: TunnelSend>(
     core: &Core,
     mut tcp: TcpStream,

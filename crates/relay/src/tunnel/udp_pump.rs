@@ -17,6 +17,15 @@ use crate::metrics as m;
 
 /// Moves UDP payloads between the client (QUIC datagrams and/or DATAGRAM capsules) and the
 /// connected UDP socket until the request stream ends or the tunnel idles out.
+///
+//= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+//# The lifetime of the socket is tied to the request stream. The UDP proxy MUST
+//# keep the socket open while the request stream is open.
+//
+//= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+//# UDP
+//# proxies MAY choose to close sockets due to a period of inactivity, but they MUST
+//# close the request stream when closing the socket.
 pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
     core: &Core,
     sock: UdpSocket,
@@ -46,8 +55,13 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                 up.fetch_add(1, Ordering::Relaxed);
                 bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
-            // RFC 9298 §5: never fragment; a payload the path cannot carry (EMSGSIZE) is dropped,
-            // as is one the socket buffer has no room for right now.
+            //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+            //# UDP proxies MUST NOT introduce fragmentation at the IP layer when forwarding
+            //# HTTP Datagrams onto a UDP socket; overly large datagrams are silently dropped.
+            //
+            // The egress socket sets DF / IP_PMTUDISC_PROBE (`cfr_egress::bind_udp`): a payload
+            // the path cannot carry fails with EMSGSIZE and is dropped here, as is one the socket
+            // buffer has no room for right now.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 core.datagram_dropped("udp_send_buffer_full")
             }
@@ -69,11 +83,18 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                                 if context_id == UDP_PAYLOAD_CONTEXT {
                                     forward(&data);
                                 } else {
-                                    // RFC 9298 §4: unknown context IDs are dropped, not errors.
+                                    //= https://www.rfc-editor.org/rfc/rfc9298#section-5
+                                    //# If an HTTP/3 Datagram that carries an unknown Context ID is
+                                    //# received, the receiver SHALL either drop that datagram silently
+                                    //# or buffer it temporarily
+                                    //
+                                    // Dropped, for capsules as for QUIC DATAGRAM frames.
                                     core.datagram_dropped("unknown_context_id");
                                 }
                             }
-                            // RFC 9297 §3.2: unknown capsule types are skipped.
+                            //= https://www.rfc-editor.org/rfc/rfc9297#section-3.2
+                            //# Endpoints that receive a Capsule with an unknown Capsule Type MUST
+                            //# silently drop that Capsule and skip over it to parse the next Capsule.
                             Ok(Some(Capsule::Unknown { .. })) => {}
                             Ok(None) => break,
                             Err(_) => return Err(TunnelOutcome::MalformedCapsule),
@@ -81,7 +102,11 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                     }
                 }
                 Ok(None) => {
-                    // RFC 9297 §3.3: a truncated capsule at the end of the stream is an error.
+                    //= https://www.rfc-editor.org/rfc/rfc9297#section-3.3
+                    //# If the receive side of a stream carrying Capsules is terminated cleanly (for
+                    //# example, in HTTP/3 this is defined as receiving a QUIC STREAM frame with the FIN
+                    //# bit set) and the last Capsule on the stream was truncated, this MUST be treated
+                    //# as if it were a malformed or incomplete message.
                     return if decoder.finish().is_ok() {
                         Ok(())
                     } else {
@@ -111,6 +136,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
             {
                 match datagram::split_context_id(&payload) {
                     Ok((UDP_PAYLOAD_CONTEXT, data)) => batch.push(data),
+                    // RFC 9298 §5, quoted in the capsule path above.
                     Ok(_) => core.datagram_dropped("unknown_context_id"),
                     Err(_) => core.datagram_dropped("malformed_datagram"),
                 }
@@ -159,7 +185,14 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
         loop {
             let n = match sock.recv(&mut buf).await {
                 Ok(n) => n,
-                // ICMP errors on a connected socket (port unreachable) surface here; keep going.
+                //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+                //# If a UDP proxy is
+                //# notified by its operating system that its socket is no longer usable, it MUST
+                //# close the request stream.
+                //
+                // TODO: not met for ICMP errors. On a connected socket Linux reports an ICMP port
+                // unreachable once, as ECONNREFUSED, and the socket stays usable (the peer may come
+                // back); the relay counts it and keeps the tunnel.
                 Err(_) => {
                     core.datagram_dropped("udp_recv_error");
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -180,7 +213,15 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                         }
                         continue;
                     }
-                    // Too large for a DATAGRAM frame: carry it in a capsule rather than lose it.
+                    //= https://www.rfc-editor.org/rfc/rfc9298#section-6.1
+                    //# If a UDP proxy is using QUIC DATAGRAM
+                    //# frames and it receives a UDP payload from the target that will not fit inside a
+                    //# QUIC DATAGRAM frame, the UDP proxy SHOULD NOT send the UDP payload in a DATAGRAM
+                    //# capsule
+                    //
+                    // TODO: not met. Too large for a DATAGRAM frame, the payload goes out in a
+                    // capsule rather than being lost (and no ICMP Packet Too Big is sent): kept
+                    // until the interop peers that rely on it (large DNS answers) are checked.
                 }
             }
             let mut c = Vec::with_capacity(n + 8);
