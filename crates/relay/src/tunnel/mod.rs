@@ -8,6 +8,8 @@ mod error;
 mod exchange;
 mod log;
 mod pump;
+#[cfg(test)]
+mod pump_tests;
 mod request;
 mod tcp_pump;
 mod udp_pump;

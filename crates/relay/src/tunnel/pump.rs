@@ -1,6 +1,8 @@
 //! What both pumps share: idle tracking, per-tunnel tallies and the typed outcome.
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::exchange::{Abort, TunnelRecv, TunnelSend};
 
@@ -71,7 +73,8 @@ pub struct TunnelStats {
     pub outcome: TunnelOutcome,
 }
 
-/// Tracks the last time a tunnel moved data, for idle timeouts.
+/// Tracks the last time a tunnel moved data, for idle timeouts (on tokio's clock, which tests can
+/// pause).
 #[derive(Debug)]
 pub(super) struct Activity {
     start: Instant,
