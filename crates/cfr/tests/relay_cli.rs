@@ -227,6 +227,10 @@ async fn insecure_open_relay_warns_loudly_and_needs_no_token() {
         "an open relay must say so loudly:\n{stderr}"
     );
     assert!(
+        !stderr.contains('\x1b'),
+        "logs written to a file carry no ANSI colour codes:\n{stderr:?}"
+    );
+    assert!(
         !dir.path().join("certs/token").exists(),
         "no token is generated for an open relay"
     );
