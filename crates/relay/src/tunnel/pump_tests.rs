@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 
 use super::core::Core;
 use super::exchange::{Abort, TunnelRecv, TunnelSend, UdpChannels};
-use super::pump::TunnelOutcome;
+use super::pump::{TunnelOutcome, TunnelStats};
 use super::{relay_tcp, relay_udp};
 use crate::auth::Authenticator;
 use crate::config::RelayConfig;
@@ -170,34 +170,81 @@ fn datagram_capsule(payload: &[u8]) -> Bytes {
     Bytes::from(c)
 }
 
+/// A pump running in its own task between a fake client and a real destination socket.
+struct Running<D> {
+    pump: tokio::task::JoinHandle<TunnelStats>,
+    dest: D,
+    client: Client,
+    from_client: ClientStream,
+    window: Arc<Semaphore>,
+}
+
+impl<D> Running<D> {
+    /// How the tunnel ended, once the pump has.
+    async fn stats(&mut self) -> TunnelStats {
+        ended(&mut self.pump).await
+    }
+}
+
+async fn ended(pump: &mut tokio::task::JoinHandle<TunnelStats>) -> TunnelStats {
+    tokio::time::timeout(LIMIT, pump)
+        .await
+        .expect("the pump must end")
+        .expect("the pump must not panic")
+}
+
+async fn start_tcp(core: Arc<Core>, window: usize) -> Running<TcpStream> {
+    let (pump_end, dest) = tcp_pair().await;
+    let (rx, tx, client, from_client, window) = fake_client(window);
+    let pump = tokio::spawn(async move { relay_tcp(&core, pump_end, rx, tx).await });
+    Running {
+        pump,
+        dest,
+        client,
+        from_client,
+        window,
+    }
+}
+
+async fn start_udp(core: Arc<Core>, window: usize) -> Running<UdpSocket> {
+    let (pump_sock, dest) = udp_pair().await;
+    let (rx, tx, client, from_client, window) = fake_client(window);
+    let pump =
+        tokio::spawn(async move { relay_udp(&core, pump_sock, rx, tx, no_quic_datagrams()).await });
+    Running {
+        pump,
+        dest,
+        client,
+        from_client,
+        window,
+    }
+}
+
 #[tokio::test]
 async fn tcp_client_fin_half_closes_and_the_other_direction_keeps_flowing() {
-    let core = core(|_| {});
-    let (pump_end, mut dest) = tcp_pair().await;
-    let (rx, tx, client, from_client, _) = fake_client(OPEN);
-    let pump = tokio::spawn(async move { relay_tcp(&core, pump_end, rx, tx).await });
+    let mut t = start_tcp(Arc::new(core(|_| {})), OPEN).await;
 
-    from_client
+    t.from_client
         .send(Ok(Some(Bytes::from_static(b"ping"))))
         .unwrap();
-    from_client.send(Ok(None)).unwrap();
+    t.from_client.send(Ok(None)).unwrap();
     let mut got = Vec::new();
-    tokio::time::timeout(LIMIT, dest.read_to_end(&mut got))
+    tokio::time::timeout(LIMIT, t.dest.read_to_end(&mut got))
         .await
         .expect("the client's FIN must reach the destination as a TCP FIN")
         .unwrap();
     assert_eq!(got, b"ping");
 
     // Half-closed, not closed: the destination can still answer.
-    dest.write_all(b"pong").await.unwrap();
-    client
+    t.dest.write_all(b"pong").await.unwrap();
+    t.client
         .wait_for("the answer after a half-close", |v| v.received == b"pong")
         .await;
-    drop(dest);
-    let stats = tokio::time::timeout(LIMIT, pump).await.unwrap().unwrap();
+    t.dest.shutdown().await.unwrap();
+    let stats = t.stats().await;
     assert_eq!(stats.outcome, TunnelOutcome::Closed);
     assert_eq!((stats.bytes_up, stats.bytes_down), (4, 4));
-    let v = client.view.lock().unwrap();
+    let v = t.client.view.lock().unwrap();
     assert!(
         v.finished && v.reset.is_none(),
         "a clean end is a FIN, not a reset"
@@ -206,17 +253,19 @@ async fn tcp_client_fin_half_closes_and_the_other_direction_keeps_flowing() {
 
 #[tokio::test]
 async fn tcp_destination_reset_resets_the_client_stream_with_connect_error() {
-    let core = core(|_| {});
-    let (pump_end, dest) = tcp_pair().await;
-    let (rx, tx, client, _from_client, _) = fake_client(OPEN);
-    let pump = tokio::spawn(async move { relay_tcp(&core, pump_end, rx, tx).await });
+    let Running {
+        mut pump,
+        dest,
+        client,
+        ..
+    } = start_tcp(Arc::new(core(|_| {})), OPEN).await;
 
     // Linger 0: closing sends RST instead of FIN.
     socket2::SockRef::from(&dest)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(dest);
-    let stats = tokio::time::timeout(LIMIT, pump).await.unwrap().unwrap();
+    let stats = ended(&mut pump).await;
     assert_eq!(stats.outcome, TunnelOutcome::TargetReset);
     let v = client.view.lock().unwrap();
     assert_eq!(v.reset, Some(Abort::ConnectError));
@@ -229,23 +278,20 @@ async fn tcp_destination_reset_resets_the_client_stream_with_connect_error() {
 
 #[tokio::test]
 async fn tcp_client_reset_aborts_the_destination_with_rst() {
-    let core = core(|_| {});
-    let (pump_end, mut dest) = tcp_pair().await;
-    let (rx, tx, client, from_client, _) = fake_client(OPEN);
-    let pump = tokio::spawn(async move { relay_tcp(&core, pump_end, rx, tx).await });
+    let mut t = start_tcp(Arc::new(core(|_| {})), OPEN).await;
 
-    from_client
+    t.from_client
         .send(Ok(Some(Bytes::from_static(b"partial"))))
         .unwrap();
-    from_client
+    t.from_client
         .send(Err(io::Error::from(io::ErrorKind::ConnectionReset)))
         .unwrap();
-    let stats = tokio::time::timeout(LIMIT, pump).await.unwrap().unwrap();
+    let stats = t.stats().await;
     assert_eq!(stats.outcome, TunnelOutcome::ClientReset);
-    assert_eq!(client.view.lock().unwrap().reset, Some(Abort::Cancelled));
+    assert_eq!(t.client.view.lock().unwrap().reset, Some(Abort::Cancelled));
 
     let mut got = Vec::new();
-    let read = tokio::time::timeout(LIMIT, dest.read_to_end(&mut got))
+    let read = tokio::time::timeout(LIMIT, t.dest.read_to_end(&mut got))
         .await
         .unwrap();
     assert_eq!(
@@ -257,39 +303,37 @@ async fn tcp_client_reset_aborts_the_destination_with_rst() {
 
 #[tokio::test]
 async fn tcp_pump_stops_reading_the_destination_while_the_client_window_is_closed() {
-    let core = core(|c| c.limits.tcp_buffer_bytes = 16 * 1024);
-    let (pump_end, mut dest) = tcp_pair().await;
-    let (rx, tx, client, _from_client, window) = fake_client(0);
-    let pump = tokio::spawn(async move { relay_tcp(&core, pump_end, rx, tx).await });
+    let mut t = start_tcp(Arc::new(core(|c| c.limits.tcp_buffer_bytes = 16 * 1024)), 0).await;
 
     // With no credit from the client the pump holds at most one buffer, so the destination's
     // writes block once the kernel's socket buffers are full.
     let chunk = vec![0x5a_u8; 64 * 1024];
     let mut written = 0usize;
-    while let Ok(r) = tokio::time::timeout(Duration::from_millis(500), dest.write(&chunk)).await {
+    while let Ok(r) = tokio::time::timeout(Duration::from_millis(500), t.dest.write(&chunk)).await {
         written += r.unwrap();
         assert!(
             written < 256 << 20,
             "256 MiB went in with the client window closed: the pump buffers without bound"
         );
     }
-    assert!(client.view.lock().unwrap().received.len() <= chunk.len());
+    assert!(t.client.view.lock().unwrap().received.len() <= chunk.len());
 
     // Opening the window lets everything through, in order.
-    window.add_permits(OPEN / 2);
-    client
+    t.window.add_permits(OPEN / 2);
+    t.client
         .wait_for("every byte once the window opens", |v| {
             v.received.len() == written
         })
         .await;
-    assert!(client
+    assert!(t
+        .client
         .view
         .lock()
         .unwrap()
         .received
         .iter()
         .all(|&b| b == 0x5a));
-    pump.abort();
+    t.pump.abort();
 }
 
 #[tokio::test(start_paused = true)]
@@ -309,28 +353,26 @@ async fn tcp_idle_tunnel_is_closed_after_tcp_idle_secs_with_a_cancel() {
 
 #[tokio::test]
 async fn udp_capsules_flow_both_ways_and_the_client_fin_ends_the_tunnel_cleanly() {
-    let core = core(|_| {});
-    let (pump_sock, dest) = udp_pair().await;
-    let (rx, tx, client, from_client, _) = fake_client(OPEN);
-    let pump =
-        tokio::spawn(async move { relay_udp(&core, pump_sock, rx, tx, no_quic_datagrams()).await });
+    let mut t = start_udp(Arc::new(core(|_| {})), OPEN).await;
 
-    from_client.send(Ok(Some(datagram_capsule(b"hi")))).unwrap();
+    t.from_client
+        .send(Ok(Some(datagram_capsule(b"hi"))))
+        .unwrap();
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(LIMIT, dest.recv(&mut buf))
+    let n = tokio::time::timeout(LIMIT, t.dest.recv(&mut buf))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(&buf[..n], b"hi");
 
-    dest.send(b"yo").await.unwrap();
-    client
+    t.dest.send(b"yo").await.unwrap();
+    t.client
         .wait_for("the answer as a DATAGRAM capsule", |v| {
             !v.received.is_empty()
         })
         .await;
     let mut decoder = CapsuleDecoder::new(1500);
-    decoder.push(&client.view.lock().unwrap().received);
+    decoder.push(&t.client.view.lock().unwrap().received);
     match decoder.next_capsule() {
         Ok(Some(Capsule::Datagram { context_id, data })) => {
             assert_eq!((context_id, &data[..]), (0, &b"yo"[..]))
@@ -338,64 +380,50 @@ async fn udp_capsules_flow_both_ways_and_the_client_fin_ends_the_tunnel_cleanly(
         other => panic!("want a DATAGRAM capsule with context ID 0, got {other:?}"),
     }
 
-    from_client.send(Ok(None)).unwrap();
-    let stats = tokio::time::timeout(LIMIT, pump).await.unwrap().unwrap();
+    t.from_client.send(Ok(None)).unwrap();
+    let stats = t.stats().await;
     assert_eq!(stats.outcome, TunnelOutcome::Closed);
     assert_eq!((stats.datagrams_up, stats.datagrams_down), (1, 1));
-    assert!(client.view.lock().unwrap().finished);
+    assert!(t.client.view.lock().unwrap().finished);
 }
 
 #[tokio::test]
 async fn udp_stream_ending_inside_a_capsule_aborts_with_datagram_error() {
-    let core = core(|_| {});
-    let (pump_sock, _dest) = udp_pair().await;
-    let (rx, tx, client, from_client, _) = fake_client(OPEN);
-    let pump =
-        tokio::spawn(async move { relay_udp(&core, pump_sock, rx, tx, no_quic_datagrams()).await });
+    let mut t = start_udp(Arc::new(core(|_| {})), OPEN).await;
 
     let whole = datagram_capsule(b"truncated");
-    from_client.send(Ok(Some(whole.slice(..4)))).unwrap();
-    from_client.send(Ok(None)).unwrap();
-    let stats = tokio::time::timeout(LIMIT, pump).await.unwrap().unwrap();
+    t.from_client.send(Ok(Some(whole.slice(..4)))).unwrap();
+    t.from_client.send(Ok(None)).unwrap();
+    let stats = t.stats().await;
     assert_eq!(stats.outcome, TunnelOutcome::MalformedCapsule);
-    let v = client.view.lock().unwrap();
+    let v = t.client.view.lock().unwrap();
     assert_eq!(v.reset, Some(Abort::DatagramError));
     assert!(!v.finished);
 }
 
 #[tokio::test]
 async fn udp_client_reset_ends_the_tunnel_with_a_cancel() {
-    let core = core(|_| {});
-    let (pump_sock, _dest) = udp_pair().await;
-    let (rx, tx, client, from_client, _) = fake_client(OPEN);
-    let pump =
-        tokio::spawn(async move { relay_udp(&core, pump_sock, rx, tx, no_quic_datagrams()).await });
+    let mut t = start_udp(Arc::new(core(|_| {})), OPEN).await;
 
-    from_client
+    t.from_client
         .send(Err(io::Error::from(io::ErrorKind::ConnectionReset)))
         .unwrap();
-    let stats = tokio::time::timeout(LIMIT, pump).await.unwrap().unwrap();
+    let stats = t.stats().await;
     assert_eq!(stats.outcome, TunnelOutcome::ClientReset);
-    assert_eq!(client.view.lock().unwrap().reset, Some(Abort::Cancelled));
+    assert_eq!(t.client.view.lock().unwrap().reset, Some(Abort::Cancelled));
 }
 
 #[tokio::test]
 async fn udp_slow_client_gets_drops_not_an_unbounded_queue() {
     let core = Arc::new(core(|c| c.limits.datagram_queue = 4));
-    let (pump_sock, dest) = udp_pair().await;
-    let (rx, tx, client, _from_client, window) = fake_client(0);
-    let pump_core = core.clone();
-    let pump =
-        tokio::spawn(
-            async move { relay_udp(&pump_core, pump_sock, rx, tx, no_quic_datagrams()).await },
-        );
+    let t = start_udp(core.clone(), 0).await;
 
     // The client takes nothing: past the capsule queue, datagrams from the destination are
     // dropped and counted instead of piling up.
     let drops = || core.counters.datagram_drops.load(Ordering::Relaxed);
     let flood = async {
         for i in 0u32.. {
-            dest.send(&i.to_be_bytes()).await.unwrap();
+            t.dest.send(&i.to_be_bytes()).await.unwrap();
             if drops() > 0 {
                 return;
             }
@@ -407,18 +435,18 @@ async fn udp_slow_client_gets_drops_not_an_unbounded_queue() {
         .expect("a full capsule queue must drop datagrams");
 
     // The tunnel still works: once the client reads, queued capsules and new datagrams arrive.
-    window.add_permits(OPEN / 2);
-    client
+    t.window.add_permits(OPEN / 2);
+    t.client
         .wait_for("the queued capsules", |v| !v.received.is_empty())
         .await;
-    let queued = client.view.lock().unwrap().received.len();
-    dest.send(b"after").await.unwrap();
-    client
+    let queued = t.client.view.lock().unwrap().received.len();
+    t.dest.send(b"after").await.unwrap();
+    t.client
         .wait_for("a datagram sent after the flood", |v| {
             v.received.len() > queued && v.received.ends_with(b"after")
         })
         .await;
-    pump.abort();
+    t.pump.abort();
 }
 
 #[tokio::test(start_paused = true)]
