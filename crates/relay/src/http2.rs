@@ -149,6 +149,11 @@ impl Drop for OpenStream {
 /// RFC 9113 §8.5: a destination reset or error is CONNECT_ERROR. RFC 9297 §3.3: a malformed or
 /// truncated capsule stream makes the message malformed, which RFC 9113 §8.1.1 answers with a
 /// stream error of type PROTOCOL_ERROR.
+//= https://www.rfc-editor.org/rfc/rfc9113#section-8.5
+//# Correspondingly, a proxy MUST send a TCP segment with the
+//# RST bit set if it detects an error with the stream or the HTTP/2 connection.
+//
+// `tunnel::relay_tcp` sets linger 0 on the destination socket when the client side fails.
 fn abort_reason(why: Abort) -> Reason {
     match why {
         Abort::ConnectError => Reason::CONNECT_ERROR,
