@@ -124,6 +124,21 @@ impl FromStr for ServerId {
     }
 }
 
+#[cfg(feature = "serde")]
+impl serde::Serialize for ServerId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for ServerId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Which algorithm a configuration uses (draft §5.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
