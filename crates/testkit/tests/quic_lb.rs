@@ -87,14 +87,23 @@ impl Drop for Forwarder {
     }
 }
 
+/// Client addresses in the order they first sent.
+fn clients_in_order(seen: &[Seen]) -> Vec<SocketAddr> {
+    let mut clients = Vec::new();
+    for s in seen {
+        if !clients.contains(&s.client) {
+            clients.push(s.client);
+        }
+    }
+    clients
+}
+
 /// Asserts, per client connection, that only leading Initials carry a DCID other than one that
 /// decodes to `server_id`, and that the rest (short headers included) all do. Returns how many
 /// datagrams carried the server ID.
 fn assert_every_packet_routes(seen: &[Seen], lb: &LbConfig, server_id: ServerId) -> usize {
-    let mut clients: Vec<SocketAddr> = seen.iter().map(|s| s.client).collect();
-    clients.dedup();
     let mut routed_total = 0;
-    for client in clients {
+    for client in clients_in_order(seen) {
         let packets: Vec<&Seen> = seen.iter().filter(|s| s.client == client).collect();
         let first_routed = packets
             .iter()
@@ -129,7 +138,7 @@ fn assert_every_packet_routes(seen: &[Seen], lb: &LbConfig, server_id: ServerId)
 }
 
 /// Starts a relay with `lb`, runs two client connections with TCP and UDP tunnels through a
-/// forwarder, and checks the DCIDs.
+/// forwarder (the first one rebinding to a new port mid-way), and checks the DCIDs.
 async fn tunnels_through_a_cid_reading_forwarder(lb: QuicLbConfig) {
     let tcp_echo = TcpEcho::start(lo()).await;
     let udp_echo = UdpEcho::start(lo()).await;
@@ -151,12 +160,34 @@ async fn tunnels_through_a_cid_reading_forwarder(lb: QuicLbConfig) {
         let payload = vec![round; 200_000];
         tcp_roundtrip(&client, &target(tcp_echo.addr()), &payload).await;
         udp_roundtrip(&client, &target(udp_echo.addr()), &[vec![round; 900]]).await;
+        if round == 0 {
+            // A NAT rebinding: the connection moves to a new source port and, as quinn does on a
+            // new path, to a connection ID the relay issued in NEW_CONNECTION_ID.
+            let socket = std::net::UdpSocket::bind(lo()).unwrap();
+            client.rebind(socket).await.expect("rebind");
+            tcp_roundtrip(&client, &target(tcp_echo.addr()), &payload).await;
+        }
         client.close();
     }
     let seen = fwd.seen();
-    let clients: std::collections::HashSet<_> = seen.iter().map(|s| s.client).collect();
-    assert_eq!(clients.len(), 2, "two client connections");
+    let clients = clients_in_order(&seen);
+    assert_eq!(
+        clients.len(),
+        3,
+        "two connections, the first one rebound once"
+    );
     assert_every_packet_routes(&seen, &codec, server_id);
+    let dcids_from = |client: SocketAddr| -> std::collections::HashSet<Vec<u8>> {
+        seen.iter()
+            .filter(|s| s.client == client && !s.initial)
+            .map(|s| s.dcid.clone())
+            .collect()
+    };
+    let (before, after) = (dcids_from(clients[0]), dcids_from(clients[1]));
+    assert!(
+        before.is_disjoint(&after),
+        "after rebinding the client must use a NEW_CONNECTION_ID connection ID"
+    );
     relay.stop().await;
 }
 
