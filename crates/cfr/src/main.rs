@@ -190,6 +190,10 @@ fn load_config(path: Option<&Path>) -> Result<RelayConfig, String> {
 
 fn check_config(file: &Path) -> Result<ExitCode, String> {
     let cfg = RelayConfig::from_file(file).map_err(|e| format!("invalid config: {e}"))?;
+    // The one file the relay reads at start that check-config can check too (mode, format).
+    if let Some(lb) = &cfg.quic_lb {
+        lb.load().map_err(|e| format!("invalid config: {e}"))?;
+    }
     println!("# {} is valid. Effective settings:", file.display());
     print!("{}", cfg.to_toml());
     Ok(ExitCode::SUCCESS)

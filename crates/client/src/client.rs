@@ -86,7 +86,7 @@ pub(crate) struct Conn {
     settings: PeerSettings,
     dead: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
 }
 
 /// How long a connection whose last handle was dropped stays open so that data already written
@@ -106,7 +106,7 @@ impl Drop for Conn {
         let quic = self.quic.clone();
         let keep = (
             self.send_request.lock().unwrap().clone(),
-            self._endpoint.clone(),
+            self.endpoint.clone(),
         );
         rt.spawn(async move {
             let _ = tokio::time::timeout(LINGER, quic.closed()).await;
@@ -205,7 +205,7 @@ impl Conn {
                 settings,
                 dead,
                 tasks: vec![driver, dispatcher],
-                _endpoint: endpoint.clone(),
+                endpoint: endpoint.clone(),
             })
         };
         match tokio::time::timeout(cfg.connect_timeout, handshake).await {
@@ -390,6 +390,16 @@ impl RelayClient {
     /// The config this client was built from.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.cfg
+    }
+
+    /// Moves the current connection to `socket` (quinn `Endpoint::rebind`), as a NAT rebinding or
+    /// a client migration would: packets leave from the new address and, when the relay issued
+    /// spare connection IDs, carry a fresh one; open tunnels continue.
+    pub async fn rebind(&self, socket: std::net::UdpSocket) -> Result<(), ClientError> {
+        let current = self.inner.current.lock().await;
+        let conn = current.as_ref().ok_or(ClientError::Closed)?;
+        conn.endpoint.rebind(socket)?;
+        Ok(())
     }
 
     /// Closes the connection; open tunnels end, new tunnels fail with [`ClientError::Closed`].

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use cfr_egress::{EgressConfig, EgressPolicy, Fallback};
+pub use cfr_quic_lb::{CidEncoder, LbConfig, ServerId};
 
 /// Everything `cfr relay` can be told, as read from `--config FILE` (TOML) and flags.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +40,8 @@ pub struct RelayConfig {
     pub timeouts: TimeoutsConfig,
     pub resolver: ResolverConfig,
     pub egress: EgressConfig,
+    /// QUIC-LB routable connection IDs; absent: random connection IDs.
+    pub quic_lb: Option<QuicLbConfig>,
 }
 
 impl Default for RelayConfig {
@@ -58,6 +61,7 @@ impl Default for RelayConfig {
             timeouts: TimeoutsConfig::default(),
             resolver: ResolverConfig::default(),
             egress: EgressConfig::default(),
+            quic_lb: None,
         }
     }
 }
@@ -176,6 +180,84 @@ pub struct ResolverConfig {
     pub hosts_only: bool,
 }
 
+/// `[quic_lb]`: issue only connection IDs that a QUIC-LB load balancer
+/// (draft-ietf-quic-load-balancers-21) with the same parameters routes to this instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicLbConfig {
+    /// Config rotation codepoint, 0..=6 (0b111 marks unroutable CIDs).
+    pub config_rotation: u8,
+    /// This instance's server ID in hex; its length is the configuration's server-ID length.
+    pub server_id: ServerId,
+    /// Nonce octets (at least 4; server ID + nonce at most 19).
+    pub nonce_len: usize,
+    /// File holding the 16-octet AES-128 key in hex (mode 0600 or stricter). Absent: plaintext
+    /// CIDs, whose server ID any on-path observer can read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Low five bits of the first octet carry the CID length (draft §3.3) rather than random bits.
+    #[serde(default = "yes")]
+    pub length_self_encoding: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl QuicLbConfig {
+    /// The codec configuration without reading the key file: checks the lengths and codepoint.
+    fn shape(&self, key: Option<[u8; 16]>) -> Result<LbConfig, ConfigError> {
+        LbConfig::new(
+            self.config_rotation,
+            self.server_id.len(),
+            self.nonce_len,
+            key,
+        )
+        .map(|c| c.with_length_self_encoding(self.length_self_encoding))
+        .map_err(|e| ConfigError::Invalid {
+            key: "quic_lb",
+            message: e.to_string(),
+        })
+    }
+
+    /// This instance's connection ID encoder, with the key read from `key_file` (its
+    /// [`config`](CidEncoder::config) is what a load balancer decodes with).
+    pub fn load(&self) -> Result<CidEncoder, ConfigError> {
+        let key = match &self.key_file {
+            Some(path) => Some(read_lb_key(path)?),
+            None => None,
+        };
+        let config = self.shape(key)?;
+        CidEncoder::new(&config, self.server_id.as_bytes()).map_err(|e| ConfigError::Invalid {
+            key: "quic_lb.server_id",
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Reads a hex AES-128 key from a file only its owner can read.
+fn read_lb_key(path: &std::path::Path) -> Result<[u8; 16], ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let invalid = |message: String| ConfigError::Invalid {
+        key: "quic_lb.key_file",
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(invalid(format!(
+            "{} is readable by group or others; chmod 600 it",
+            path.display()
+        )));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    // The key itself never goes into an error message.
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|k| <[u8; 16]>::try_from(k).ok())
+        .ok_or_else(|| invalid(format!("{} must hold 32 hex digits", path.display())))
+}
+
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -285,7 +367,11 @@ impl RelayConfig {
                 message: "needs auth.client_ca".into(),
             });
         }
-        self.egress.validate().map_err(ConfigError::Egress)
+        self.egress.validate().map_err(ConfigError::Egress)?;
+        if let Some(lb) = &self.quic_lb {
+            lb.shape(None)?;
+        }
+        Ok(())
     }
 
     pub fn handshake_timeout(&self) -> Duration {
@@ -503,5 +589,48 @@ mod tests {
         assert_eq!(cfg.auth.token_sha256, vec![TokenHash::of("s3cret")]);
         let err = RelayConfig::from_toml("[auth]\ntoken_sha256 = [\"abc\"]\n").unwrap_err();
         assert!(err.to_string().contains("auth.token_sha256"), "{err}");
+    }
+
+    #[test]
+    fn quic_lb_section_parses_validates_and_round_trips() {
+        let cfg = RelayConfig::from_toml(
+            "[quic_lb]\nconfig_rotation = 2\nserver_id = \"0A0b\"\nnonce_len = 6\n",
+        )
+        .unwrap();
+        let lb = cfg.quic_lb.as_ref().unwrap();
+        assert_eq!(lb.server_id.as_bytes(), &[0x0a, 0x0b]);
+        assert!(lb.key_file.is_none() && lb.length_self_encoding);
+        let encoder = lb.load().unwrap();
+        let codec = encoder.config();
+        assert_eq!(codec.cid_len(), 9);
+        assert_eq!(codec.algorithm(), cfr_quic_lb::Algorithm::Plaintext);
+        assert_eq!(RelayConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        assert!(RelayConfig::default().quic_lb.is_none());
+
+        for (toml, key) in [
+            (
+                "config_rotation = 7\nserver_id = \"01\"\nnonce_len = 4",
+                "quic_lb",
+            ),
+            (
+                "config_rotation = 0\nserver_id = \"01\"\nnonce_len = 3",
+                "quic_lb",
+            ),
+            (
+                "config_rotation = 0\nserver_id = \"00112233445566778899\"\nnonce_len = 10",
+                "quic_lb",
+            ),
+            (
+                "config_rotation = 0\nserver_id = \"xyz\"\nnonce_len = 4",
+                "server_id",
+            ),
+            (
+                "config_rotation = 0\nserver_id = \"01\"\nnonce_len = 4\nkey = \"00\"",
+                "key",
+            ),
+        ] {
+            let err = RelayConfig::from_toml(&format!("[quic_lb]\n{toml}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod http3;
 pub mod metrics;
 pub mod policy;
 mod quic_front;
+pub mod quic_lb;
 pub mod resolve;
 pub mod server;
 pub mod tcp_front;

@@ -13,6 +13,7 @@ use crate::http3;
 use crate::metrics as m;
 use crate::policy::DestinationPolicy;
 use crate::quic_front;
+use crate::quic_lb;
 use crate::resolve::Resolver;
 use crate::tcp_front::TcpFront;
 use crate::tls;
@@ -82,11 +83,13 @@ impl Relay {
             &[tls::ALPN_H3],
         )?;
         let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+        let lb_cids = config.quic_lb.as_ref().map(|lb| lb.load()).transpose()?;
         let listen = config.listen;
         // Bind first so the own-address rule knows the real ports.
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
         server_config.transport_config(Arc::new(http3::transport_config(&config)));
-        let (endpoint, local_addr, tcp_listener) = bind_listeners(&config, server_config)?;
+        let (endpoint, local_addr, tcp_listener) =
+            bind_listeners(&config, quic_lb::endpoint_config(lb_cids), server_config)?;
         policy.add_own_socket(local_addr);
         let tcp_addr = match &tcp_listener {
             Some(l) => {
@@ -175,6 +178,7 @@ impl Relay {
 /// number is taken on TCP, both are bound again on a fresh port.
 fn bind_listeners(
     config: &RelayConfig,
+    endpoint_config: quinn::EndpointConfig,
     server_config: quinn::ServerConfig,
 ) -> Result<(quinn::Endpoint, SocketAddr, Option<tokio::net::TcpListener>), StartError> {
     let listen = config.listen;
@@ -182,8 +186,14 @@ fn bind_listeners(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let endpoint =
-            quinn::Endpoint::server(server_config.clone(), listen).map_err(bind_err(listen))?;
+        let socket = std::net::UdpSocket::bind(listen).map_err(bind_err(listen))?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config.clone(),
+            Some(server_config.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err(listen))?;
         let local_addr = endpoint.local_addr().map_err(bind_err(listen))?;
         if !config.tcp_enabled {
             return Ok((endpoint, local_addr, None));

@@ -29,4 +29,5 @@ fn the_full_example_config_in_the_corpus_loads() {
     let text = std::fs::read_to_string(corpus().join("full.toml")).unwrap();
     let cfg = cfr_relay::RelayConfig::from_toml(&text).expect("the example config is valid");
     assert_eq!(cfg.egress.prefixes.len(), 2);
+    assert_eq!(cfg.quic_lb.unwrap().server_id.to_string(), "0a0b");
 }
