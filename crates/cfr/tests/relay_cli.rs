@@ -836,7 +836,21 @@ fn check_config_prints_effective_settings_and_rejects_bad_files_naming_the_key()
         );
     }
 
+    // A QUIC-LB key others can read is refused at check time, not only at start.
+    let lb_key = dir.path().join("quic-lb.key");
+    std::fs::write(&lb_key, "8f95f09245765f80256934e50c66207f\n").unwrap();
+    std::fs::set_permissions(&lb_key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let lb_key_toml = format!(
+        "[quic_lb]\nconfig_rotation = 0\nserver_id = \"01\"\nnonce_len = 4\nkey_file = \"{}\"\n",
+        lb_key.display()
+    );
     for (name, text, key) in [
+        (
+            "quic_lb.toml",
+            "[quic_lb]\nconfig_rotation = 7\nserver_id = \"01\"\nnonce_len = 4\n",
+            "quic_lb",
+        ),
+        ("quic_lb_key.toml", lb_key_toml.as_str(), "quic_lb.key_file"),
         (
             "unknown.toml",
             "[limits]\ntunnels_per_conection = 3\n",

@@ -84,6 +84,16 @@ impl Relay {
         )?;
         let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let lb_cids = config.quic_lb.as_ref().map(|lb| lb.load()).transpose()?;
+        if let Some(encoder) = &lb_cids {
+            let lb = encoder.config();
+            tracing::info!(
+                server_id = %encoder.server_id(),
+                config_rotation = lb.config_rotation(),
+                algorithm = ?lb.algorithm(),
+                cid_len = lb.cid_len(),
+                "issuing QUIC-LB connection IDs"
+            );
+        }
         let listen = config.listen;
         // Bind first so the own-address rule knows the real ports.
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
