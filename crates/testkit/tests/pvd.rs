@@ -179,6 +179,16 @@ async fn three_relays(expires_secs: u64) -> (TestRelay, TestRelay, TestRelay, te
     (a, b, c, a_dir)
 }
 
+/// A `Discovery` of `a`'s PvD with the shared CA and the test token.
+async fn discover_via(a: &TestRelay, policy: Policy) -> Discovery {
+    let mut base = ClientConfig::new("https://unused", Trust::CaFile(a.ca_pem.clone()));
+    base.token = Some(a.token.clone());
+    base.connect_timeout = Duration::from_secs(2);
+    Discovery::start(location(a), base, policy)
+        .await
+        .expect("discovery from the PvD of relay a")
+}
+
 async fn tcp_echo_via(d: &Discovery, echo: &TcpEcho) -> Result<(), ClientError> {
     let mut tunnel = tokio::time::timeout(LIMIT, d.connect_tcp(&target(echo.addr())))
         .await
@@ -197,12 +207,7 @@ async fn tcp_echo_via(d: &Discovery, echo: &TcpEcho) -> Result<(), ClientError> 
 async fn discovered_relays_share_tunnels_and_fail_over() {
     let (a, b, c, _pki) = three_relays(3600).await;
     let echo = TcpEcho::start(lo()).await;
-    let mut base = ClientConfig::new("https://unused", Trust::CaFile(a.ca_pem.clone()));
-    base.token = Some(a.token.clone());
-    base.connect_timeout = Duration::from_secs(3);
-    let d = Discovery::start(location(&a), base, Policy::Random)
-        .await
-        .unwrap();
+    let d = discover_via(&a, Policy::Random).await;
     let (tcp, udp) = d.relays();
     assert_eq!(tcp.len(), 3, "{tcp:?}");
     assert_eq!(udp.len(), 1, "only a lists a connect-udp template: {udp:?}");
@@ -230,12 +235,7 @@ async fn discovered_relays_share_tunnels_and_fail_over() {
 async fn pvd_host_down_keeps_the_last_good_set_until_expires_then_no_relay() {
     let (a, b, _c, _pki) = three_relays(4).await;
     let echo = TcpEcho::start(lo()).await;
-    let mut base = ClientConfig::new("https://unused", Trust::CaFile(a.ca_pem.clone()));
-    base.token = Some(a.token.clone());
-    base.connect_timeout = Duration::from_secs(2);
-    let d = Discovery::start(location(&a), base, Policy::Ordered)
-        .await
-        .unwrap();
+    let d = discover_via(&a, Policy::Ordered).await;
     let expires = d.expires().unwrap();
     // The PvD host goes away: its listeners close at once (the drain keeps `a` alive meanwhile).
     a.handle().shutdown();
