@@ -203,13 +203,19 @@ async fn cli_discover_learns_the_relays_from_the_pvd_and_curl_browses_through_so
         "127.0.0.1:0",
     ])
     .await;
-    assert!(
-        client
-            .stderr()
-            .contains("lists 1 relay(s) for TCP and 1 for UDP"),
-        "reports the discovered relays: {}",
-        client.stderr()
-    );
+    // stderr is read by a background task: wait (bounded) for the line.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !client
+        .stderr()
+        .contains("lists 1 relay(s) for TCP and 1 for UDP")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reports the discovered relays: {}",
+            client.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let socks = client.socks.expect("SOCKS5 address").to_string();
     let url = origin.localhost_url("/");
     let origin_ca = origin.ca_pem_path().to_str().unwrap();
