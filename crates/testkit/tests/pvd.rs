@@ -276,7 +276,7 @@ async fn pvd_host_down_keeps_the_last_good_set_until_expires_then_no_relay() {
 }
 
 /// An HTTPS/1.1 server (the relay's dev certificate) that answers every request with `body`.
-async fn static_pvd_server(cert: &Path, key: &Path, body: &'static str) -> std::net::SocketAddr {
+async fn static_pvd_server(cert: &Path, key: &Path, body: Bytes) -> std::net::SocketAddr {
     let tls = cfr_relay::tls::server_config(cert, key, None, &[b"http/1.1"]).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
@@ -284,19 +284,21 @@ async fn static_pvd_server(cert: &Path, key: &Path, body: &'static str) -> std::
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let body = body.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(move |_req| async move {
-                    Ok::<_, Infallible>(
-                        http::Response::builder()
-                            .header("content-type", pvd::MEDIA_TYPE)
-                            .body(http_body_util::Full::new(Bytes::from_static(
-                                body.as_bytes(),
-                            )))
-                            .unwrap(),
-                    )
+                let service = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, Infallible>(
+                            http::Response::builder()
+                                .header("content-type", pvd::MEDIA_TYPE)
+                                .body(http_body_util::Full::new(body))
+                                .unwrap(),
+                        )
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
@@ -312,34 +314,40 @@ async fn bad_pvds_are_rejected_with_a_message_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let pki = cfr_relay::tls::generate_dev_pki(dir.path(), &[]).unwrap();
     let base = ClientConfig::new("https://unused", Trust::CaFile(pki.ca_cert.clone()));
-    let cases: [(&'static str, &str); 6] = [
+    let huge = format!(
+        r#"{{"identifier":"localhost","expires":"2099-01-01T00:00:00Z","prefixes":[],"x":"{}"}}"#,
+        "a".repeat(pvd::MAX_LEN)
+    );
+    let cases: [(String, &str); 7] = [
+        (huge, "at most 64 KiB"),
         (
             r#"{"identifier":"localhost","expires":"2099-01-01T00:00:00Z","prefixes":[],
                "proxies":[{"protocol":"connect-udp","proxy":"https://localhost/{target_host}/{target_port}",
-                           "mandatory":["example_auth"],"example_auth":"x"}]}"#,
+                           "mandatory":["example_auth"],"example_auth":"x"}]}"#.into(),
             "example_auth",
         ),
         (
             r#"{"identifier":"localhost","expires":"2001-01-01T00:00:00Z","prefixes":[],
-               "proxies":[{"protocol":"https-connect","proxy":"localhost:1"}]}"#,
+               "proxies":[{"protocol":"https-connect","proxy":"localhost:1"}]}"#.into(),
             "expired at 2001-01-01T00:00:00Z",
         ),
         (
-            r#"{"identifier":"proxy.example.org","expires":"2099-01-01T00:00:00Z","prefixes":[]}"#,
+            r#"{"identifier":"proxy.example.org","expires":"2099-01-01T00:00:00Z","prefixes":[]}"#.into(),
             "does not match the host",
         ),
         (
-            r#"{"identifier":"localhost","prefixes":[]}"#,
+            r#"{"identifier":"localhost","prefixes":[]}"#.into(),
             "missing field `expires`",
         ),
         (
-            r#"{"identifier":"localhost","expires":"2099-01-01T00:00:00Z","prefixes":[],"proxies":"many"}"#,
+            r#"{"identifier":"localhost","expires":"2099-01-01T00:00:00Z","prefixes":[],"proxies":"many"}"#.into(),
             "invalid type",
         ),
-        ("<html>not json</html>", "malformed PvD"),
+        ("<html>not json</html>".into(), "malformed PvD"),
     ];
     for (body, expect) in cases {
-        let addr = static_pvd_server(&pki.server_cert, &pki.server_key, body).await;
+        let addr =
+            static_pvd_server(&pki.server_cert, &pki.server_key, Bytes::from(body.clone())).await;
         let loc = PvdLocation::parse(&format!("localhost:{}", addr.port())).unwrap();
         let err = match Discovery::start(loc, base.clone(), Policy::Random).await {
             Ok(_) => panic!("PvD accepted: {body}"),
