@@ -84,17 +84,17 @@ async fn handle(
     //# The recipient of such a malformed request MUST respond with an error and SHOULD
     //# use the 400 (Bad Request) status code.
     let upgrade_udp = head.method == http::Method::GET && upgrade_requested(&head.headers);
-    let plain = (!upgrade_udp).then_some(());
-    if let Some(resp) = plain.and_then(|()| {
-        crate::pvd::answer(
+    if !upgrade_udp {
+        let pvd = crate::pvd::answer(
             ctx.core.pvd.as_ref(),
             &head.method,
             None,
             &head.uri,
             "http/1.1",
-        )
-    }) {
-        return resp.map(Full::new);
+        );
+        if let Some(resp) = pvd {
+            return resp.map(Full::new);
+        }
     }
     let protocol = upgrade_udp.then(|| {
         head.method = http::Method::CONNECT;
