@@ -3,7 +3,9 @@
 
 Subcommands:
   udp-echo      CONNECT-UDP (RFC 9298) to a UDP echo target; sends HTTP Datagrams (RFC 9297) with
-                context ID 0 and checks each echo byte for byte.
+                context ID 0 and checks each echo byte for byte. With --pvd it first fetches the
+                relay's PvD (GET /.well-known/pvd, draft-ietf-intarea-proxy-config) on the same
+                connection and uses the connect-udp URI template listed there.
   tcp-echo      classic CONNECT (RFC 9114 §4.4) to a TCP echo target; sends N pattern bytes, half-closes,
                 reads them back and checks SHA-256.
   expect-status sends one crafted request and checks the response status (and Proxy-Status on errors).
@@ -16,11 +18,13 @@ Prints one JSON line; exit 0 on success, 1 on a failed check, 2 on usage errors.
 
 import argparse
 import asyncio
+import datetime
 import hashlib
 import json
+import re
 import sys
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -187,17 +191,79 @@ class CapsuleReader:
         return out
 
 
+async def fetch_pvd(a, proto):
+    """GET /.well-known/pvd (no credentials) and check it as a client must (RFC 8801 §4,
+    draft-ietf-intarea-proxy-config §2): media type, identifier = the proxy's host name, not
+    expired, empty prefixes. Returns the parsed object."""
+    headers = [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", a.relay_authority.encode()),
+        (b":path", b"/.well-known/pvd"),
+        (b"accept", b"application/pvd+json"),
+    ]
+    sid, st, resp = await send_request(proto, headers, a.timeout, end_stream=True)
+    if header(resp, ":status") != "200":
+        raise Failure(f"GET /.well-known/pvd: expected 200, got {header(resp, ':status')}")
+    if header(resp, "content-type") != "application/pvd+json":
+        raise Failure(f"PvD content-type is {header(resp, 'content-type')!r}, not application/pvd+json")
+    body = b""
+    while True:
+        chunk = await wait(st.data.get(), a.timeout, "PvD body")
+        if chunk is None:
+            break
+        body += chunk
+    pvd = json.loads(body)
+    want = (a.server_name or a.relay[0]).rstrip(".").lower()
+    if str(pvd.get("identifier", "")).rstrip(".").lower() != want:
+        raise Failure(f"PvD identifier {pvd.get('identifier')!r} is not the relay's host name {want!r}")
+    expires = datetime.datetime.fromisoformat(pvd["expires"].replace("Z", "+00:00"))
+    if expires <= datetime.datetime.now(datetime.timezone.utc):
+        raise Failure(f"PvD expired at {pvd['expires']}")
+    if pvd.get("prefixes") != []:
+        raise Failure(f"PvD prefixes must be an empty array, got {pvd.get('prefixes')!r}")
+    return pvd
+
+
+def expand_template(template, host, port):
+    """RFC 6570 expansion of a connect-udp template: {target_host}/{target_port} (simple) and
+    {?target_host,target_port} (form-style query); other expressions are refused."""
+    values = {"target_host": quote(host, safe=""), "target_port": str(port)}
+
+    def one(m):
+        expr = m.group(1)
+        if expr.startswith("?"):
+            return "?" + "&".join(f"{v}={values[v]}" for v in expr[1:].split(","))
+        if expr not in values:
+            raise Failure(f"template expression {{{expr}}} is not supported")
+        return values[expr]
+
+    return re.sub(r"\{([^}]*)\}", one, template)
+
+
 async def cmd_udp_echo(a, proto):
     host, port = a.target
-    template_host = quote(host, safe="")  # IPv6 colons become %3A (RFC 9298 §2)
-    path = f"/.well-known/masque/udp/{template_host}/{port}/"
+    authority_used = a.relay_authority
+    template = "/.well-known/masque/udp/{target_host}/{target_port}/"
+    if a.pvd:
+        pvd = await fetch_pvd(a, proto)
+        udp = [p for p in pvd.get("proxies", []) if p.get("protocol") == "connect-udp" and not p.get("mandatory")]
+        if not udp:
+            raise Failure(f"PvD lists no usable connect-udp proxy: {pvd.get('proxies')!r}")
+        url = urlsplit(udp[0]["proxy"].replace("{", "%7B").replace("}", "%7D"))
+        if url.scheme != "https":
+            raise Failure(f"connect-udp template is not https: {udp[0]['proxy']!r}")
+        authority_used = url.netloc
+        template = udp[0]["proxy"][len("https://") + len(url.netloc):]
+    # IPv6 colons become %3A (RFC 9298 §3).
+    path = expand_template(template, host, port)
     headers = base_request(
         a,
         "CONNECT",
         [
             (b":protocol", b"connect-udp"),
             (b":scheme", b"https"),
-            (b":authority", a.relay_authority.encode()),
+            (b":authority", authority_used.encode()),
             (b":path", path.encode()),
             (b"capsule-protocol", b"?1"),
         ],
@@ -267,7 +333,7 @@ async def cmd_udp_echo(a, proto):
             p.cancel()
     proto.h3.send_data(sid, b"", end_stream=True)
     proto.transmit()
-    return {"status": int(header(resp, ":status")), **stats}
+    return {"status": int(header(resp, ":status")), "template": template, "path": path, **stats}
 
 
 async def echo_of(inbox, payload, timeout):
@@ -394,6 +460,7 @@ def parse_args(argv):
     u.add_argument("--send-as", choices=["datagram", "capsule"], help="default: datagram unless --no-h3-datagram")
     u.add_argument("--datagram-timeout", type=float, default=2.0, help="wait for each echo, seconds")
     u.add_argument("--retries", type=int, default=2, help="resends of a lost datagram")
+    u.add_argument("--pvd", action="store_true", help="take the connect-udp template from the relay's PvD")
 
     t = sub.add_parser("tcp-echo", help="classic CONNECT to a TCP echo target")
     t.add_argument("--target", required=True, type=split_hostport, metavar="HOST:PORT")

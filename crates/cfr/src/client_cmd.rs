@@ -4,8 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use cfr_client::discover::{Discovery, PvdLocation};
 use cfr_client::select::{Policy, RelaySet};
-use cfr_client::{ClientConfig, DatagramMode, RelayUrl, Trust};
+use cfr_client::{
+    ClientConfig, ClientError, DatagramMode, RelayUrl, TcpTunnel, Trust, TunnelOpener, UdpTunnel,
+};
+use cfr_proto::Target;
 use clap::Args;
 use tokio::net::TcpListener;
 
@@ -17,6 +21,10 @@ pub struct ClientArgs {
     /// File with one relay URL per line (`#` starts a comment); adds to --relay.
     #[arg(long = "relay-list", value_name = "FILE")]
     pub relay_list: Vec<PathBuf>,
+    /// Learn the relays from the operator's Provisioning Domain: HOST[:PORT] (fetches
+    /// https://HOST[:PORT]/.well-known/pvd, port 443 by default) or the PvD's full https:// URL.
+    #[arg(long, value_name = "HOST[:PORT]|URL", conflicts_with_all = ["relay", "relay_list"])]
+    pub discover: Option<String>,
     /// How each new tunnel picks a relay: random, lowest-rtt, ordered (first usable = failover).
     #[arg(long = "select", value_name = "POLICY", default_value = "random", value_parser = parse_policy)]
     pub select: Policy,
@@ -118,14 +126,27 @@ fn relay_configs(args: &ClientArgs) -> Result<Vec<ClientConfig>, String> {
         urls.extend(listed);
     }
     if urls.is_empty() {
-        return Err("no relay: pass --relay https://HOST:PORT or --relay-list FILE".into());
+        return Err(
+            "no relay: pass --relay https://HOST:PORT, --relay-list FILE or --discover HOST".into(),
+        );
     }
     let mut seen = std::collections::HashSet::new();
     urls.retain(|u| seen.insert(u.clone()));
     for u in &urls {
         RelayUrl::parse(u).map_err(|e| format!("--relay: {e}"))?;
     }
+    let base = base_config(args)?;
+    Ok(urls
+        .into_iter()
+        .map(|url| ClientConfig {
+            relay: url,
+            ..base.clone()
+        })
+        .collect())
+}
 
+/// Trust, credentials and timeouts from the flags, for every relay (the URL is left empty).
+fn base_config(args: &ClientArgs) -> Result<ClientConfig, String> {
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(f)) => Some(read_token_file(f)?),
@@ -141,19 +162,83 @@ fn relay_configs(args: &ClientArgs) -> Result<Vec<ClientConfig>, String> {
     if args.connect_timeout_secs == 0 {
         return Err("--connect-timeout-secs must be at least 1".into());
     }
-    Ok(urls
-        .into_iter()
-        .map(|url| {
-            let mut c = ClientConfig::new(url, trust.clone());
-            c.token = token.clone();
-            c.connect_timeout = Duration::from_secs(args.connect_timeout_secs);
-            c.client_cert = args.client_cert.clone().zip(args.client_key.clone());
-            if args.capsules {
-                c.datagrams = DatagramMode::Capsules;
+    let mut c = ClientConfig::new(String::new(), trust);
+    c.token = token;
+    c.connect_timeout = Duration::from_secs(args.connect_timeout_secs);
+    c.client_cert = args.client_cert.clone().zip(args.client_key.clone());
+    if args.capsules {
+        c.datagrams = DatagramMode::Capsules;
+    }
+    Ok(c)
+}
+
+/// Where tunnels go: a fixed relay list, or the relays a PvD lists.
+#[derive(Clone)]
+enum Relays {
+    Listed(RelaySet),
+    Discovered(Discovery),
+}
+
+impl Relays {
+    /// Flags → relays; `--discover` fetches and checks the PvD now (its errors end the client).
+    async fn from_args(args: &ClientArgs) -> Result<Relays, String> {
+        let Some(arg) = &args.discover else {
+            let configs = relay_configs(args)?;
+            let set = RelaySet::new(configs, args.select).map_err(|e| e.to_string())?;
+            return Ok(Relays::Listed(set));
+        };
+        let location = PvdLocation::parse(arg).map_err(|e| format!("--discover: {e}"))?;
+        let base = base_config(args)?;
+        let d = Discovery::start(location, base, args.select)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tcp, udp) = d.relays();
+        eprintln!(
+            "cfr client: PvD {} lists {} relay(s) for TCP and {} for UDP",
+            d.url(),
+            tcp.len(),
+            udp.len()
+        );
+        for r in tcp {
+            eprintln!("  tcp via {r}");
+        }
+        for r in udp {
+            eprintln!("  udp via {r}");
+        }
+        Ok(Relays::Discovered(d))
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Relays::Listed(s) => s.status().len(),
+            Relays::Discovered(d) => {
+                let (tcp, udp) = d.relays();
+                tcp.len() + udp.len()
             }
-            c
-        })
-        .collect())
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Relays::Listed(s) => s.close().await,
+            Relays::Discovered(d) => d.close().await,
+        }
+    }
+}
+
+impl TunnelOpener for Relays {
+    async fn connect_tcp(&self, target: &Target) -> Result<TcpTunnel, ClientError> {
+        match self {
+            Relays::Listed(s) => s.connect_tcp(target).await,
+            Relays::Discovered(d) => d.connect_tcp(target).await,
+        }
+    }
+    async fn connect_udp(&self, target: &Target) -> Result<UdpTunnel, ClientError> {
+        match self {
+            Relays::Listed(s) => s.connect_udp(target).await,
+            Relays::Discovered(d) => d.connect_udp(target).await,
+        }
+    }
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
@@ -167,7 +252,6 @@ fn json_addr(a: Option<SocketAddr>) -> String {
 }
 
 pub async fn run(args: ClientArgs) -> Result<ExitCode, String> {
-    let configs = relay_configs(&args)?;
     let socks_auth = match (&args.socks_user, &args.socks_pass) {
         (Some(u), Some(p)) => {
             // RFC 1929 §2: ULEN and PLEN are one byte each.
@@ -192,8 +276,8 @@ pub async fn run(args: ClientArgs) -> Result<ExitCode, String> {
     if socks_addr.is_none() && socks_auth.is_some() {
         return Err("--socks-user needs a SOCKS5 listener (--socks5 is off)".into());
     }
-    let relay_count = configs.len();
-    let set = RelaySet::new(configs, args.select).map_err(|e| e.to_string())?;
+    let set = Relays::from_args(&args).await?;
+    let relay_count = set.count();
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut bound_socks = None;
@@ -243,20 +327,21 @@ pub async fn run(args: ClientArgs) -> Result<ExitCode, String> {
     }
 
     // Connect ahead of the first tunnel; an unreachable relay is not fatal: it is retried in the
-    // background and for new tunnels.
-    let warm = set.clone();
-    tokio::spawn(async move {
-        for (relay, result) in warm.warm_up().await {
-            match result {
-                Ok(rtt) => {
-                    tracing::info!(%relay, rtt_ms = rtt.as_millis() as u64, "relay connected")
-                }
-                Err(e) => {
-                    tracing::warn!(%relay, error = %e, "relay unreachable at start; retrying in the background and for new tunnels")
+    // background and for new tunnels. (Discovered relay sets warm up by themselves.)
+    if let Relays::Listed(warm) = set.clone() {
+        tokio::spawn(async move {
+            for (relay, result) in warm.warm_up().await {
+                match result {
+                    Ok(rtt) => {
+                        tracing::info!(%relay, rtt_ms = rtt.as_millis() as u64, "relay connected")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%relay, error = %e, "relay unreachable at start; retrying in the background and for new tunnels")
+                    }
                 }
             }
-        }
-    });
+        });
+    }
 
     tokio::select! {
         _ = wait_for_signal() => {

@@ -105,6 +105,10 @@ struct RelayArgs {
     /// Accept every client without authentication. For tests and labs only.
     #[arg(long)]
     insecure_open_relay: bool,
+    /// Serve a Provisioning Domain at /.well-known/pvd for this host name (`pvd.identifier`), so
+    /// clients need only `cfr client --discover HOST`.
+    #[arg(long, value_name = "HOST")]
+    pvd_identifier: Option<String>,
     /// Print the listening address as a JSON line on stdout once ready (for test harnesses).
     #[arg(long, hide = true)]
     print_ready: bool,
@@ -265,6 +269,9 @@ fn apply_flags(cfg: &mut RelayConfig, args: &RelayArgs) -> Result<(), String> {
     if args.insecure_open_relay {
         cfg.auth.insecure_open_relay = true;
     }
+    if let Some(id) = &args.pvd_identifier {
+        cfg.pvd.identifier = Some(id.clone());
+    }
     for entry in &args.resolve {
         let (name, ip) = entry
             .split_once('=')
@@ -338,11 +345,17 @@ async fn run_relay(args: RelayArgs) -> Result<ExitCode, String> {
         hosts_only: cfg.resolver.hosts_only,
     });
     let state_dir = cfg.state_dir.clone();
+    let pvd_identifier = cfg.pvd.identifier.clone();
     let relay = Relay::bind(cfg, resolver, &extra_tokens)
         .await
         .map_err(|e| e.to_string())?;
     let addr = relay.local_addr();
-    print_usage(addr, &state_dir, dev_token.as_deref());
+    print_usage(
+        addr,
+        &state_dir,
+        dev_token.as_deref(),
+        pvd_identifier.as_deref(),
+    );
     if args.print_ready {
         println!("{{\"ready\":true,\"listen\":\"{addr}\"}}");
     }
@@ -369,7 +382,7 @@ async fn wait_for_signal() {
     }
 }
 
-fn print_usage(addr: SocketAddr, state_dir: &Path, token: Option<&str>) {
+fn print_usage(addr: SocketAddr, state_dir: &Path, token: Option<&str>, pvd: Option<&str>) {
     let host = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
         "localhost".to_owned()
     } else if addr.is_ipv6() {
@@ -398,6 +411,18 @@ fn print_usage(addr: SocketAddr, state_dir: &Path, token: Option<&str>) {
         "  cargo run --release -p cfr -- client --relay {url} --ca {}{token_arg} --socks5 127.0.0.1:1080 --http 127.0.0.1:8080",
         ca.display()
     );
+    if let Some(id) = pvd {
+        let id = id.strip_suffix('.').unwrap_or(id);
+        eprintln!(
+            "or let it learn the relays from this relay's PvD (https://{id}:{}/.well-known/pvd):",
+            addr.port()
+        );
+        eprintln!(
+            "  cargo run --release -p cfr -- client --discover {id}:{} --ca {}{token_arg}",
+            addr.port(),
+            ca.display()
+        );
+    }
     eprintln!("then e.g.:  curl --socks5-hostname 127.0.0.1:1080 https://example.com/");
     eprintln!();
 }

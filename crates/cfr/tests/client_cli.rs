@@ -174,6 +174,70 @@ async fn cli_curl_fetches_https_origin_through_socks5_and_http_proxy() {
     assert!(status.success(), "SIGTERM → clean exit, got {status:?}");
 }
 
+/// One host name is all the client needs: `--discover localhost:PORT` fetches the relay's PvD
+/// and curl browses through the local SOCKS5 port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_discover_learns_the_relays_from_the_pvd_and_curl_browses_through_socks5() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = HttpsOrigin::start(origin_bind()).await;
+    let relay = TestRelay::start_with(|cfg| {
+        resolve_localhost_to_origin_ip(cfg);
+        cfg.pvd.identifier = Some("localhost".into());
+    })
+    .await;
+    let token = dir.path().join("token");
+    std::fs::write(&token, &relay.token).unwrap();
+    let host = format!("localhost:{}", relay.addr.port());
+    let (ca, token) = (
+        relay.ca_pem.display().to_string(),
+        token.display().to_string(),
+    );
+    let client = CfrClient::start(&[
+        "--discover",
+        &host,
+        "--ca",
+        &ca,
+        "--token-file",
+        &token,
+        "--socks5",
+        "127.0.0.1:0",
+    ])
+    .await;
+    // stderr is read by a background task: wait (bounded) for the line.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !client
+        .stderr()
+        .contains("lists 1 relay(s) for TCP and 1 for UDP")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reports the discovered relays: {}",
+            client.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let socks = client.socks.expect("SOCKS5 address").to_string();
+    let url = origin.localhost_url("/");
+    let origin_ca = origin.ca_pem_path().to_str().unwrap();
+    let (ok, body, err) = curl(&["--socks5-hostname", &socks, "--cacert", origin_ca, &url]).await;
+    assert!(ok, "curl via discovered relay: {err}\n{}", client.stderr());
+    assert_eq!(body.as_bytes(), ROOT_BODY);
+    assert!(relay.core().requests_seen("h3") >= 1);
+    let status = client.terminate().await;
+    assert!(status.success(), "SIGTERM → clean exit, got {status:?}");
+
+    // A host without a PvD (nothing listens there) is an error that says what failed.
+    let err = cli_error(&["--discover", "localhost:1", "--ca", &ca]).await;
+    assert!(
+        err.contains("relay discovery") && err.contains("localhost:1"),
+        "{err}"
+    );
+    let err = cli_error(&["--discover", "http://localhost/pvd"]).await;
+    assert!(err.contains("https"), "{err}");
+    let err = cli_error(&["--discover", &host, "--relay", "https://localhost:1"]).await;
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_headless_chromium_loads_https_page_through_socks5() {
     let dir = tempfile::tempdir().unwrap();

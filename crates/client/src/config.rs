@@ -80,6 +80,9 @@ pub struct ClientConfig {
     /// Client certificate for mTLS: (PEM certificate chain, PEM private key) — e.g. from
     /// `cfr cert --client NAME`. Presented when the relay asks for one.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The relay's connect-udp URI template (e.g. learnt from its PvD); `None`: the RFC 9298
+    /// default `/.well-known/masque/udp/{target_host}/{target_port}/`.
+    pub udp_template: Option<cfr_proto::UdpTemplate>,
 }
 
 impl ClientConfig {
@@ -93,6 +96,7 @@ impl ClientConfig {
             datagrams: DatagramMode::Auto,
             local_bind: None,
             client_cert: None,
+            udp_template: None,
         }
     }
 

@@ -9,6 +9,7 @@
 
 mod client;
 mod config;
+pub mod discover;
 pub mod local;
 pub mod select;
 /// The SOCKS5 codec lives in the sans-IO protocol crate (fuzzed there); re-exported here.
@@ -56,6 +57,10 @@ pub enum ClientError {
     /// The relay violated the protocol (e.g. a malformed capsule, RFC 9297 §3.3).
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// Relay discovery failed: the PvD could not be fetched or was rejected (the message names
+    /// the problem).
+    #[error("relay discovery: {0}")]
+    Discovery(String),
     /// No relay of a [`select::RelaySet`] is usable.
     #[error("no relay available: {0}")]
     NoRelay(String),

@@ -23,6 +23,8 @@ pub const TARGETS: &[(&str, PropertyCheck)] = &[
     ("authority", authority),
     ("proxy_status", proxy_status),
     ("socks5", crate::socks5::fuzz_socks5),
+    ("pvd", crate::pvd::fuzz_pvd),
+    ("udp_template", udp_template),
 ];
 
 /// `max_datagram_len` values the capsule target chooses from with its first input byte.
@@ -219,4 +221,35 @@ pub fn proxy_status(data: &[u8]) {
     assert_eq!(ps2.details.is_some(), ps.details.is_some());
     let v2 = ps2.to_header_value();
     assert_eq!(ProxyStatus::parse(&v2).as_ref(), Some(&ps2), "{v2}");
+}
+
+/// connect-udp URI template: input = `[template]\n[path]`. Parsing either never panics; a
+/// template that parses matches its own expansion of the target the path names.
+pub fn udp_template(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (template, path) = text.split_once('\n').unwrap_or((text, ""));
+    let Ok(tpl) = crate::template::UdpTemplate::parse(template) else {
+        return;
+    };
+    if let Ok(target) = tpl.match_path(path) {
+        let expanded = tpl.expand(&target);
+        assert_eq!(
+            tpl.match_path(&expanded),
+            Ok(target),
+            "{template}: expansion {expanded} must match back"
+        );
+    }
+    for target in [
+        Target::new("example.com", 443).expect("valid"),
+        Target::new("2001:db8::1", 53).expect("valid"),
+    ] {
+        let expanded = tpl.expand(&target);
+        assert_eq!(
+            tpl.match_path(&expanded),
+            Ok(target),
+            "{template}: expansion {expanded} must match back"
+        );
+    }
 }

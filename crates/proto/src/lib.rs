@@ -8,13 +8,16 @@ pub mod capsule;
 pub mod datagram;
 pub mod fuzzing;
 pub mod proxy_status;
+pub mod pvd;
 pub mod socks5;
 pub mod target;
+pub mod template;
 pub mod varint;
 
 pub use capsule::{Capsule, CapsuleDecoder};
 pub use proxy_status::{ProxyError, ProxyStatus};
 pub use target::{Host, Target, TargetError};
+pub use template::{TemplateError, UdpTemplate};
 
 /// Why a decoder could not produce a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

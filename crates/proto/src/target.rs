@@ -98,6 +98,12 @@ pub fn parse_connect_udp_path(path: &str) -> Result<Target, TargetError> {
         _ => return Err(TargetError::BadTemplate),
     }
 
+    decode_template_values(host, port)
+}
+
+/// The target named by the raw (still percent-encoded) values of a connect-udp template's
+/// `target_host` and `target_port` variables.
+pub fn decode_template_values(host: &str, port: &str) -> Result<Target, TargetError> {
     let port = percent_decode(port).map_err(|e| match e {
         TargetError::BadHost => TargetError::BadPort,
         e => e,

@@ -44,6 +44,10 @@ pub struct RelayConfig {
     pub egress: EgressConfig,
     /// QUIC-LB routable connection IDs; absent: random connection IDs.
     pub quic_lb: Option<QuicLbConfig>,
+    /// Path URI template (RFC 9298 §2) at which CONNECT-UDP is accepted and which the PvD
+    /// publishes.
+    pub connect_udp_template: String,
+    pub pvd: PvdConfig,
 }
 
 impl Default for RelayConfig {
@@ -64,6 +68,8 @@ impl Default for RelayConfig {
             resolver: ResolverConfig::default(),
             egress: EgressConfig::default(),
             quic_lb: None,
+            connect_udp_template: cfr_proto::target::DEFAULT_UDP_TEMPLATE.to_owned(),
+            pvd: PvdConfig::default(),
         }
     }
 }
@@ -260,6 +266,50 @@ fn read_lb_key(path: &std::path::Path) -> Result<[u8; 16], ConfigError> {
         .ok_or_else(|| invalid(format!("{} must hold 32 hex digits", path.display())))
 }
 
+/// The Provisioning Domain this relay serves at `/.well-known/pvd`
+/// (draft-ietf-intarea-proxy-config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PvdConfig {
+    /// The host name clients use for this relay (the PvD `identifier`). Absent: no PvD is
+    /// served and `GET /.well-known/pvd` is refused like any other plain GET.
+    pub identifier: Option<String>,
+    /// Port published for this relay's own proxies; absent: the port the QUIC listener bound.
+    pub port: Option<u16>,
+    /// Lifetime of a served PvD: its `expires` lies this far ahead (refreshed at half-life).
+    pub expires_secs: u64,
+    /// The operator's other proxies, listed after this relay's own connect-udp and
+    /// https-connect entries.
+    pub proxies: Vec<PvdProxyConfig>,
+}
+
+impl Default for PvdConfig {
+    fn default() -> Self {
+        Self {
+            identifier: None,
+            port: None,
+            expires_secs: 3600,
+            proxies: Vec::new(),
+        }
+    }
+}
+
+/// One `[[pvd.proxies]]` entry: a proxy dictionary as the draft defines it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PvdProxyConfig {
+    /// `connect-udp`, `https-connect`, `connect-tcp`, `connect-ip`, `http-connect`, `socks5`.
+    pub protocol: String,
+    /// A full `https://` URI template (connect-*) or `host:port` (the others).
+    pub proxy: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+    /// Name for `proxy-match`; the relay lists every named proxy in one rule for all
+    /// destinations, so clients may use them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identifier: Option<String>,
+}
+
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -373,7 +423,25 @@ impl RelayConfig {
         if let Some(lb) = &self.quic_lb {
             lb.shape(None)?;
         }
+        self.udp_template()?;
+        crate::pvd::validate(&self.pvd)?;
         Ok(())
+    }
+
+    /// The parsed `connect_udp_template` (a path: the relay's origin is implied).
+    pub fn udp_template(&self) -> Result<cfr_proto::UdpTemplate, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            key: "connect_udp_template",
+            message,
+        };
+        let template = cfr_proto::UdpTemplate::parse(&self.connect_udp_template)
+            .map_err(|e| invalid(e.to_string()))?;
+        if template.origin().is_some() {
+            return Err(invalid(
+                "give the path only (e.g. /masque/udp/{target_host}/{target_port}/); the PvD adds https://IDENTIFIER:PORT".into(),
+            ));
+        }
+        Ok(template)
     }
 
     pub fn handshake_timeout(&self) -> Duration {

@@ -9,7 +9,7 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::Empty;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,7 +24,7 @@ use crate::tunnel::{
 /// The upgrade token of connect-udp (RFC 9298 §3, registered in §8.1).
 const CONNECT_UDP: &str = "connect-udp";
 
-type Response = http::Response<Empty<Bytes>>;
+type Response = http::Response<Full<Bytes>>;
 
 /// Serves one HTTP/1.1 connection (TLS done) until it closes, is upgraded into a tunnel, or the
 /// drain ends it.
@@ -84,6 +84,18 @@ async fn handle(
     //# The recipient of such a malformed request MUST respond with an error and SHOULD
     //# use the 400 (Bad Request) status code.
     let upgrade_udp = head.method == http::Method::GET && upgrade_requested(&head.headers);
+    if !upgrade_udp {
+        let pvd = crate::pvd::answer(
+            ctx.core.pvd.as_ref(),
+            &head.method,
+            None,
+            &head.uri,
+            "http/1.1",
+        );
+        if let Some(resp) = pvd {
+            return resp.map(Full::new);
+        }
+    }
     let protocol = upgrade_udp.then(|| {
         head.method = http::Method::CONNECT;
         CONNECT_UDP
@@ -107,7 +119,7 @@ async fn handle(
         Ok(resp) => resp,
         // The core ended without answering (drain cut it off).
         Err(_) => {
-            let mut resp = Response::new(Empty::new());
+            let mut resp = Response::new(Full::default());
             *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
             resp
         }
@@ -153,7 +165,7 @@ impl Exchange for H1Exchange {
             );
         }
         self.reply
-            .send(http::Response::from_parts(parts, Empty::new()))
+            .send(http::Response::from_parts(parts, Full::default()))
             .map_err(|_| io::Error::new(io::ErrorKind::ConnectionReset, "connection gone"))?;
         if !ok {
             return Ok(None);

@@ -109,6 +109,10 @@ pub(crate) async fn serve_connection<IO>(
                             .extensions
                             .get::<h2::ext::Protocol>()
                             .map(|p| p.as_str().to_owned());
+                        if let Some(resp) = crate::pvd::answer(ctx2.core.pvd.as_ref(), &head.method, protocol.as_deref(), &head.uri, "h2") {
+                            send_whole_response(respond, resp);
+                            return;
+                        }
                         let exchange = H2Exchange {
                             respond,
                             body,
@@ -127,6 +131,18 @@ pub(crate) async fn serve_connection<IO>(
                 None => break,
             }
         }
+    }
+}
+
+/// Sends a complete response with its body (the PvD); h2 queues the DATA frame until the
+/// client's flow-control window allows it.
+fn send_whole_response(mut respond: SendResponse<Bytes>, response: http::Response<Bytes>) {
+    let (head, body) = response.into_parts();
+    let sent = respond
+        .send_response(http::Response::from_parts(head, ()), false)
+        .and_then(|mut send| send.send_data(body, true));
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "response not delivered");
     }
 }
 

@@ -134,6 +134,10 @@ pub(crate) async fn serve_connection(
                         };
                         let (head, ()) = req.into_parts();
                         let protocol = head.extensions.get::<h3::ext::Protocol>().map(|p| p.as_str().to_owned());
+                        if let Some(resp) = crate::pvd::answer(core.pvd.as_ref(), &head.method, protocol.as_deref(), &head.uri, "h3") {
+                            send_whole_response(stream, resp).await;
+                            return;
+                        }
                         let queue = core.config.limits.datagram_queue;
                         let exchange = H3Exchange { stream, quic, router, route: None, queue };
                         serve_request(&core, &client, &head, protocol.as_deref(), exchange).await;
@@ -150,6 +154,24 @@ pub(crate) async fn serve_connection(
         }
     }
     reader.abort();
+}
+
+/// Sends a complete response with its body and ends the stream (the PvD).
+async fn send_whole_response(
+    mut stream: RequestStream<BidiStream, Bytes>,
+    response: http::Response<Bytes>,
+) {
+    let (head, body) = response.into_parts();
+    let sent = async {
+        stream
+            .send_response(http::Response::from_parts(head, ()))
+            .await?;
+        stream.send_data(body).await?;
+        stream.finish().await
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(error = %e, "response not delivered");
+    }
 }
 
 /// Routes incoming QUIC DATAGRAM frames to their tunnel by quarter stream ID (RFC 9297 §2.1).

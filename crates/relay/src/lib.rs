@@ -12,6 +12,7 @@ mod http2;
 pub mod http3;
 pub mod metrics;
 pub mod policy;
+pub mod pvd;
 mod quic_front;
 pub mod quic_lb;
 pub mod resolve;

@@ -116,7 +116,12 @@ impl Relay {
             Some(l) => Some(TcpFront::new(&config, l)?),
             None => None,
         };
-        let core = Arc::new(Core::new(config, auth, policy, egress, resolver));
+        let pvd =
+            crate::pvd::PvdPublisher::new(&config, local_addr.port(), tcp_addr.map(|a| a.port()))
+                .map_err(StartError::Config)?;
+        let mut core = Core::new(config, auth, policy, egress, resolver);
+        core.pvd = pvd;
+        let core = Arc::new(core);
         Ok(Relay {
             ctx: FrontCtx::new(core.clone(), local_addr.port()),
             core,

@@ -30,6 +30,10 @@ pub struct Core {
     requests: RequestCounts,
     /// This relay's own tallies of what the metrics also count.
     pub counters: RelayCounters,
+    /// `connect_udp_template`, parsed: CONNECT-UDP is accepted only at this template.
+    pub udp_template: cfr_proto::UdpTemplate,
+    /// The PvD served at `/.well-known/pvd`, if `pvd.identifier` is set.
+    pub pvd: Option<crate::pvd::PvdPublisher>,
 }
 
 /// Refusals and drops of one relay, readable in-process (tests, status pages) like
@@ -104,6 +108,9 @@ impl Core {
     ) -> Self {
         let dns = config.limits.dns_concurrency as usize;
         let total = config.limits.total_tunnels as usize;
+        let udp_template = config
+            .udp_template()
+            .unwrap_or_else(|_| cfr_proto::UdpTemplate::well_known());
         Self {
             config,
             auth,
@@ -114,6 +121,8 @@ impl Core {
             tunnel_slots: Arc::new(Semaphore::new(total)),
             requests: RequestCounts::default(),
             counters: RelayCounters::default(),
+            udp_template,
+            pvd: None,
         }
     }
 

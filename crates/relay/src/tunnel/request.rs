@@ -28,6 +28,7 @@ pub fn classify(
     method: &http::Method,
     protocol: Option<&str>,
     uri: &http::Uri,
+    udp_template: &cfr_proto::UdpTemplate,
 ) -> Result<TunnelRequest, TunnelError> {
     if method != http::Method::CONNECT {
         return Err(TunnelError {
@@ -50,7 +51,7 @@ pub fn classify(
         }
         Some(p) if p.eq_ignore_ascii_case("connect-udp") => {
             let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
-            let target = cfr_proto::target::parse_connect_udp_path(path).map_err(|e| {
+            let target = udp_template.match_path(path).map_err(|e| {
                 TunnelError::new(
                     ProxyError::HttpRequestError,
                     match e {
@@ -101,7 +102,7 @@ pub async fn serve_request<E: Exchange>(
     core.request_seen(exchange.protocol());
     let request = core
         .authenticate(&head.headers, conn)
-        .and_then(|()| classify(&head.method, protocol, &head.uri));
+        .and_then(|()| classify(&head.method, protocol, &head.uri, &core.udp_template));
     let request = match request {
         Ok(r) => r,
         Err(err) => {
