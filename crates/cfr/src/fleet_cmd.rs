@@ -111,6 +111,13 @@ pub fn is_fleet_file(file: &Path) -> bool {
 
 pub fn check(file: &Path) -> Result<ExitCode, String> {
     let fleet = load(file)?;
+    // The one file members read at start that check-config can check too (mode, format).
+    if let Some(first) = fleet.fleet.instances.first() {
+        let member = fleet.member(first.id).map_err(|e| e.to_string())?;
+        if let Some(lb) = &member.relay.quic_lb {
+            lb.load().map_err(|e| format!("invalid fleet file: {e}"))?;
+        }
+    }
     println!("# {} is a valid fleet file. Members:", file.display());
     for inst in &fleet.fleet.instances {
         let shares: Vec<String> = fleet

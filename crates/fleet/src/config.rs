@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use cfr_relay::config::{EgressPolicy, RelayConfig};
+use cfr_relay::config::{EgressPolicy, QuicLbConfig, RelayConfig, ServerId};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -270,6 +270,12 @@ impl FleetConfig {
                 "a member's egress prefixes are its shares of [[fleet.egress]]; leave this empty",
             ));
         }
+        if self.relay.quic_lb.is_some() {
+            return Err(invalid(
+                "relay.quic_lb",
+                "a member's QUIC-LB settings come from [fleet.quic_lb] and its id; leave this out",
+            ));
+        }
         if self.relay.egress.epoch_secret_file.is_some() {
             return Err(invalid(
                 "relay.egress.epoch_secret_file",
@@ -388,9 +394,22 @@ impl FleetConfig {
         relay.metrics = inst.metrics;
         relay.egress.prefixes = self.egress_shares(inst.id);
         relay.egress.epoch_secret_file = self.fleet.secret_file.clone();
+        let server_id = self.server_id(inst.id);
+        let lb = &self.fleet.quic_lb;
+        relay.quic_lb = ServerId::new(&server_id)
+            .ok()
+            .map(|server_id| QuicLbConfig {
+                config_rotation: lb.config_rotation,
+                server_id,
+                nonce_len: usize::from(lb.nonce_len),
+                key_file: lb.key_file.clone(),
+                // The first octet's low bits carry the length (draft §3.3), which the balancer's
+                // long-header rule matches on.
+                length_self_encoding: true,
+            });
         Member {
             id: inst.id,
-            server_id: self.server_id(inst.id),
+            server_id,
             relay,
         }
     }
@@ -430,6 +449,13 @@ listen = "192.0.2.10:4433"
         let f = FleetConfig::from_toml(THREE).unwrap();
         let m2 = f.member(2).unwrap();
         assert_eq!(m2.server_id, [2]);
+        let lb = m2
+            .relay
+            .quic_lb
+            .as_ref()
+            .expect("members issue QUIC-LB CIDs");
+        assert_eq!(lb.server_id.as_bytes(), [2]);
+        assert_eq!((lb.config_rotation, lb.nonce_len), (0, 8));
         assert_eq!(m2.relay.listen, "192.0.2.10:4432".parse().unwrap());
         assert_eq!(
             m2.relay.egress.prefixes,
@@ -493,6 +519,10 @@ listen = "192.0.2.10:4433"
             "{THREE}\n[relay.egress]\nprefixes = [\"2001:db8::/64\"]\n"
         ));
         assert!(e.contains("relay.egress.prefixes"), "{e}");
+        let e = err(&format!(
+            "{THREE}\n[relay.quic_lb]\nconfig_rotation = 1\nserver_id = \"01\"\nnonce_len = 8\n"
+        ));
+        assert!(e.contains("relay.quic_lb"), "{e}");
         let e = err(&format!("{THREE}\n[relay.egress]\npolicy = \"epoch\"\n"));
         assert!(e.contains("fleet.secret_file"), "{e}");
         let e = err(&THREE.replace("[fleet.quic_lb]", "[fleet.quic_lb]\nconfig_rotation = 7"));
