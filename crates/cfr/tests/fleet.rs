@@ -224,6 +224,12 @@ impl Fleet {
     /// Builds the namespaces, writes the fleet file (`relay_extra` is appended to its `[relay]`
     /// section), applies the balancer ruleset in R and starts the three members.
     fn start(relay_extra: &str, epoch_secs: u64) -> Fleet {
+        Self::start_members(relay_extra, epoch_secs, &MEMBERS)
+    }
+
+    /// [`Fleet::start`] running only `running`; the others are in the fleet file but not started,
+    /// and the balancer treats them as draining (no new connections) until they join.
+    fn start_members(relay_extra: &str, epoch_secs: u64, running: &[u32]) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let router = NetNs::create();
         let clients = NetNs::create();
@@ -383,16 +389,11 @@ epoch_secs = {epoch_secs}
             in_ns(&ns, &["nft", "-f", f.to_str().unwrap()]);
             member_ns.push(ns);
         }
-        in_ns(
-            &router,
-            &[
-                env!("CARGO_BIN_EXE_cfr"),
-                "fleet",
-                "apply",
-                "--fleet",
-                fleet_file.to_str().unwrap(),
-            ],
-        );
+        let not_running: Vec<u32> = MEMBERS
+            .into_iter()
+            .filter(|id| !running.contains(id))
+            .collect();
+        apply(&router.name, &fleet_file, &not_running);
         let seen = start_destinations(&dest_ns, 64);
         let mut f = Fleet {
             dir,
@@ -404,45 +405,16 @@ epoch_secs = {epoch_secs}
             seen,
             fleet_file,
         };
-        for id in MEMBERS {
-            let m = f.start_member(id);
+        for id in running {
+            let m = spawn_member(
+                &f.member_ns[(id - 1) as usize].name,
+                f.dir.path(),
+                &f.fleet_file,
+                *id,
+            );
             f.members.push(m);
         }
         f
-    }
-
-    fn start_member(&self, id: u32) -> Member {
-        let ns = &self.member_ns[(id - 1) as usize];
-        let stderr = self.dir.path().join(format!("member-{id}.stderr"));
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_cfr")])
-            .args(["relay", "--print-ready", "--fleet"])
-            .arg(&self.fleet_file)
-            .args(["--instance", &id.to_string()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn cfr relay");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let mut member = Member { id, child, stderr };
-        let line = rx
-            .recv_timeout(LIMIT)
-            .unwrap_or_else(|_| panic!("member {id} printed no ready line:\n{}", member.log()));
-        assert!(line.contains("\"ready\":true"), "member {id}: {line}");
-        assert!(member.is_running());
-        member
     }
 
     /// Runs `body` in the clients' namespace; if it panics, prints every member's log first.
@@ -481,6 +453,59 @@ epoch_secs = {epoch_secs}
                 .any(|n: &IpNet| n.contains(&addr))
         })
     }
+}
+
+/// Starts `cfr relay --fleet FILE --instance ID` in namespace `ns` and waits for its ready line.
+fn spawn_member(ns: &str, dir: &Path, fleet_file: &Path, id: u32) -> Member {
+    let stderr = dir.join(format!("member-{id}.stderr"));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_cfr")])
+        .args(["relay", "--print-ready", "--fleet"])
+        .arg(fleet_file)
+        .args(["--instance", &id.to_string()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("spawn cfr relay");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut member = Member { id, child, stderr };
+    let line = rx
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("member {id} printed no ready line:\n{}", member.log()));
+    assert!(line.contains("\"ready\":true"), "member {id}: {line}");
+    assert!(member.is_running());
+    member
+}
+
+/// `cfr fleet apply --fleet FILE [--drain ID]...` in the router namespace.
+fn apply(router: &str, fleet_file: &Path, drain: &[u32]) {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        router,
+        env!("CARGO_BIN_EXE_cfr"),
+        "fleet",
+        "apply",
+        "--fleet",
+    ])
+    .arg(fleet_file);
+    for id in drain {
+        cmd.args(["--drain", &id.to_string()]);
+    }
+    run(&mut cmd);
 }
 
 /// Packets from each client address that reached each member: `counts[member][client]`.
@@ -916,10 +941,7 @@ async fn finish_transfer(mut t: cfr_client::TcpTunnel, mut back: Vec<u8>, data: 
         .await
         .expect("transfer finishes within 60 s");
     back.extend(rest);
-    assert!(
-        back == data,
-        "a tunnel on the draining member completed byte-exact"
-    );
+    assert!(back == data, "a half-done transfer completed byte-exact");
 }
 
 #[test]
@@ -941,18 +963,7 @@ fn a_draining_member_finishes_its_tunnels_byte_exact_and_new_connections_go_else
             open.push(start_transfer(dclient, 7000 + *di as u16, &data[..len / 2]).await);
         }
         // The operator's drain: no new Initials for it, then SIGTERM (GOAWAY + grace period).
-        run(Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &router,
-                env!("CARGO_BIN_EXE_cfr"),
-                "fleet",
-                "apply",
-                "--fleet",
-            ])
-            .arg(&fleet_file)
-            .args(["--drain", &drained.to_string()]));
+        apply(&router, &fleet_file, &[drained]);
         run(Command::new("kill").args(["-TERM", &pids[&drained].to_string()]));
         let finish = open
             .into_iter()
@@ -1053,4 +1064,60 @@ fn fleet_cli_checks_the_file_and_prints_the_balancer_ruleset() {
         !out.status.success(),
         "a member not in the fleet cannot start"
     );
+}
+
+#[test]
+fn a_member_joins_without_remapping_open_connections() {
+    let mut fleet = Fleet::start_members("", 600, &[1, 2]);
+    let dir = fleet.dir.path().to_owned();
+    let member_ns = fleet.member_ns_names();
+    let router = fleet.router.name.clone();
+    let fleet_file = fleet.fleet_file.clone();
+    let joiner_ns = member_ns[2].clone();
+    let joined = fleet.in_clients(move || async move {
+        let len = 256 * 1024;
+        let data: Vec<u8> = (0..len).map(|i| (i * 11 % 239) as u8).collect();
+        // Eight connections on members 1 and 2, each with a transfer half done.
+        let mut open = Vec::new();
+        for i in 0..8 {
+            let client = RelayClient::connect(client_config(&dir, i))
+                .await
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
+            let (t, back) = start_transfer(&client, 7000 + i as u16, &data[..len / 2]).await;
+            let member = member_of(&counts(&member_ns), i);
+            assert_ne!(member, 3, "member 3 is not running yet");
+            open.push((i, member, client, t, back));
+        }
+        // Member 3 starts and the ruleset is re-applied with it taking new connections.
+        let joined = spawn_member(&joiner_ns, &dir, &fleet_file, 3);
+        apply(&router, &fleet_file, &[]);
+        for (i, member, client, t, back) in open {
+            finish_transfer(t, back, &data).await;
+            tcp_transfer(&client, 7000 + i as u16, 1000).await;
+            assert_eq!(
+                member_of(&counts(&member_ns), i),
+                member,
+                "connection {i} stayed on its member after the join"
+            );
+        }
+        // New connections reach the new member: 25 DCIDs all missing it has probability 4e-5.
+        let mut reached = false;
+        for i in 10..35 {
+            let client = RelayClient::connect(client_config(&dir, i))
+                .await
+                .unwrap_or_else(|e| panic!("new client {i}: {e}"));
+            tcp_transfer(&client, 7000 + i as u16, 1000).await;
+            client.close();
+            if member_of(&counts(&member_ns), i) == 3 {
+                reached = true;
+                break;
+            }
+        }
+        assert!(reached, "no new connection reached the joined member");
+        joined
+    });
+    fleet.members.push(joined);
+    for m in &mut fleet.members {
+        assert!(m.is_running(), "member {} kept running", m.id);
+    }
 }

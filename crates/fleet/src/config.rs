@@ -192,8 +192,10 @@ impl FleetConfig {
                 "must be 0..=6 (7 marks unroutable CIDs)",
             ));
         }
-        //= https://datatracker.ietf.org/doc/html/draft-ietf-quic-load-balancers-21#section-3
-        //# The server ID length MUST be at least 1 octet
+        //= https://datatracker.ietf.org/doc/html/draft-ietf-quic-load-balancers-21#section-5.3
+        //# The nonce length MUST be at least 4 octets. The server ID length MUST be at
+        //# least 1 octet.
+        // (At most 4 here: member ids are u32 and the balancer matches them in one nftables key.)
         if lb.server_id_len == 0 || lb.server_id_len > 4 {
             return Err(invalid(
                 "fleet.quic_lb.server_id_len",
@@ -203,6 +205,9 @@ impl FleetConfig {
         if lb.nonce_len < 4 {
             return Err(invalid("fleet.quic_lb.nonce_len", "must be at least 4"));
         }
+        //= https://datatracker.ietf.org/doc/html/draft-ietf-quic-load-balancers-21#section-5.3
+        //# As QUIC version 1 limits connection IDs to 20 octets, the server ID and nonce
+        //# lengths MUST sum to 19 octets or less.
         if lb.cid_len() > 20 {
             return Err(invalid(
                 "fleet.quic_lb.nonce_len",
