@@ -56,32 +56,12 @@ fn in_ns(ns: &NetNs, args: &[&str]) -> String {
         .args(args))
 }
 
-/// Runs `body` to completion on a fresh thread whose network namespace is `ns` (every socket it
-/// creates lives there), with its own runtime.
+/// Runs `body` on a fresh thread inside namespace `ns` (see `cfr_bench::fleet::in_netns`).
 fn in_netns<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
     ns: &str,
     body: impl FnOnce() -> F + Send + 'static,
 ) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        enter(&path);
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(body())
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-/// Moves the calling thread into the network namespace at `path`. Threads the runtime starts later
-/// inherit it.
-fn enter(path: &str) {
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+    cfr_bench::fleet::in_netns(ns, body).unwrap_or_else(|e| panic!("namespace {ns}: {e}"))
 }
 
 /// What the destinations saw: per TCP port, the source of each accepted connection; for the UDP
@@ -96,11 +76,11 @@ struct Seen {
 /// their own thread until the test process ends.
 fn start_destinations(ns: &NetNs, tcp_ports: u16) -> Arc<Mutex<Seen>> {
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let path = format!("/var/run/netns/{}", ns.name);
+    let name = ns.name.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let log = seen.clone();
     std::thread::spawn(move || {
-        enter(&path);
+        cfr_bench::fleet::enter_netns(&name).unwrap_or_else(|e| panic!("{e}"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
