@@ -177,7 +177,8 @@ fn measure(bin: &Path, members: u32, bytes: u64) -> Result<f64, String> {
     )?;
     let mut children = Vec::new();
     for id in 1..=members {
-        children.push(ChildGuard(spawn_member(bin, &host.0, &fleet_file, id)?));
+        let member = spawn_member(bin, &host.0, &fleet_file, id, Stdio::null(), "warn")?;
+        children.push(ChildGuard(member));
     }
 
     let ca = pki.ca_cert.clone();
@@ -258,12 +259,15 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Starts member `id` in namespace `ns` and waits (bounded) for its ready line.
-fn spawn_member(
+/// Starts member `id` (`cfr relay --fleet FILE --instance ID --print-ready`) in namespace `ns`,
+/// its log (at `log_level`) to `stderr`, and waits at most 20 s for its ready line.
+pub fn spawn_member(
     bin: &Path,
     ns: &str,
     fleet_file: &Path,
     id: u32,
+    stderr: Stdio,
+    log_level: &str,
 ) -> Result<std::process::Child, String> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns])
@@ -271,10 +275,10 @@ fn spawn_member(
         .args(["relay", "--print-ready", "--fleet"])
         .arg(fleet_file)
         .args(["--instance", &id.to_string()])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_level)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .map_err(|e| format!("starting member {id}: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;

@@ -438,35 +438,20 @@ epoch_secs = {epoch_secs}
 /// Starts `cfr relay --fleet FILE --instance ID` in namespace `ns` and waits for its ready line.
 fn spawn_member(ns: &str, dir: &Path, fleet_file: &Path, id: u32) -> Member {
     let stderr = dir.join(format!("member-{id}.stderr"));
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_cfr")])
-        .args(["relay", "--print-ready", "--fleet"])
-        .arg(fleet_file)
-        .args(["--instance", &id.to_string()])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("spawn cfr relay");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
+    let log = std::fs::File::create(&stderr).unwrap();
+    let child = cfr_bench::fleet::spawn_member(
+        Path::new(env!("CARGO_BIN_EXE_cfr")),
+        ns,
+        fleet_file,
+        id,
+        Stdio::from(log),
+        "info",
+    )
+    .unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+        panic!("member {id}: {e}\n{log}")
     });
-    let mut member = Member { id, child, stderr };
-    let line = rx
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("member {id} printed no ready line:\n{}", member.log()));
-    assert!(line.contains("\"ready\":true"), "member {id}: {line}");
-    assert!(member.is_running());
-    member
+    Member { id, child, stderr }
 }
 
 /// `cfr fleet apply --fleet FILE [--drain ID]...` in the router namespace.
