@@ -13,6 +13,8 @@ log() { printf 'interop/setup.sh: %s\n' "$*"; }
 # --- Debian packages -------------------------------------------------------------------------
 need_pkgs=()
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+# The fleet balancer tests load nftables rulesets into network namespaces.
+command -v nft >/dev/null 2>&1 || need_pkgs+=(nftables)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     # Debian splits venv/ensurepip out of python3.
@@ -29,7 +31,7 @@ if ((${#need_pkgs[@]})); then
     timeout 900 apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
     log "installed Debian packages: ${need_pkgs[*]}"
 else
-    log "Debian packages present (iproute2, curl, python3-venv)"
+    log "Debian packages present (iproute2, nftables, curl, python3-venv)"
 fi
 
 # --- venv ------------------------------------------------------------------------------------

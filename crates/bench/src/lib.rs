@@ -8,6 +8,7 @@
 
 pub mod egress;
 pub mod env;
+pub mod fleet;
 pub mod front;
 pub mod peer;
 pub mod report;
@@ -54,7 +55,7 @@ pub struct BenchArgs {
     /// when it is `cfr`; otherwise the relay runs in-process].
     #[arg(long)]
     pub relay_bin: Option<PathBuf>,
-    /// Only these sections (tcp, udp, setup, scale, egress, peer), comma-separated.
+    /// Only these sections (tcp, udp, setup, scale, egress, peer, fleet), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
 }
@@ -149,6 +150,9 @@ pub async fn run(args: &BenchArgs) -> Report {
             if plan.wants("scale") {
                 scale::run(&env, &plan, rows).await;
             }
+            if plan.wants("fleet") {
+                fleet::run(&plan, rows).await;
+            }
             env.stop().await;
         }
         Err(e) => report.rows.push(Row::unavailable(
@@ -224,6 +228,9 @@ fn derive(r: &mut Report) {
         &peer::rate_name("cfr TLS/TCP h1"),
         &peer::rate_name("vproxy https"),
     );
+
+    // Fleet: what a second member behind the nftables balancer adds.
+    r.ratio(&fleet::name(2), &fleet::name(1));
 
     // Scale: 10 000 idle tunnels within 512 MiB.
     r.target("10000 idle TCP tunnels: relay RSS", "≤ 512 MiB", |row| {

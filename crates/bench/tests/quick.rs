@@ -14,7 +14,9 @@ async fn quick_mode_fills_every_row_with_a_number_or_a_reason() {
         .await
         .expect("quick mode finishes within 2 minutes");
     println!("{}", report.table());
-    for section in ["tcp bulk", "udp", "setup", "scale", "egress", "peer"] {
+    for section in [
+        "tcp bulk", "udp", "setup", "scale", "egress", "peer", "fleet",
+    ] {
         assert!(
             report.rows.iter().any(|r| r.section == section),
             "expected rows for section {section:?}"

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod client_cmd;
+mod fleet_cmd;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,10 +42,15 @@ enum Command {
     Client(client_cmd::ClientArgs),
     /// Generate a development CA and server certificate (and optionally a client certificate).
     Cert(CertArgs),
-    /// Validate a relay config file and print the effective settings.
+    /// Validate a relay config file or a fleet file and print the effective settings.
     CheckConfig {
-        /// TOML config file.
+        /// TOML config file (a fleet file has a `[fleet]` table).
         file: PathBuf,
+    },
+    /// A fleet of relays as one service: the nftables balancer.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet_cmd::FleetCommand,
     },
     /// Egress pool tools.
     Egress {
@@ -70,8 +76,15 @@ enum EgressCommand {
 #[derive(Args, Debug)]
 struct RelayArgs {
     /// TOML config file; flags override its values.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fleet")]
     config: Option<PathBuf>,
+    /// Fleet file: run member `--instance` of the fleet (its listen address, server ID and egress
+    /// share come from the file); flags override its values.
+    #[arg(long, requires = "instance")]
+    fleet: Option<PathBuf>,
+    /// The member id to run, with `--fleet`.
+    #[arg(long, requires = "fleet")]
+    instance: Option<u32>,
     /// UDP address for HTTP/3 [default: [::]:4433].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
@@ -152,6 +165,7 @@ fn main() -> ExitCode {
             Command::Client(args) => client_cmd::run(args).await,
             Command::Cert(args) => run_cert(args),
             Command::CheckConfig { file } => check_config(&file),
+            Command::Fleet { command } => fleet_cmd::run(command),
             Command::Egress {
                 command:
                     EgressCommand::Check {
@@ -193,6 +207,9 @@ fn load_config(path: Option<&Path>) -> Result<RelayConfig, String> {
 }
 
 fn check_config(file: &Path) -> Result<ExitCode, String> {
+    if fleet_cmd::is_fleet_file(file) {
+        return fleet_cmd::check(file);
+    }
     let cfg = RelayConfig::from_file(file).map_err(|e| format!("invalid config: {e}"))?;
     // The one file the relay reads at start that check-config can check too (mode, format).
     if let Some(lb) = &cfg.quic_lb {
@@ -291,9 +308,10 @@ fn apply_flags(cfg: &mut RelayConfig, args: &RelayArgs) -> Result<(), String> {
 async fn run_relay(args: RelayArgs) -> Result<ExitCode, String> {
     // Parsed into typed values here, validated once with the flags applied and before anything
     // is written to disk (`Relay::bind` re-checks what library callers hand it).
-    let mut cfg = match args.config.as_deref() {
-        Some(p) => RelayConfig::read_file(p).map_err(|e| e.to_string())?,
-        None => RelayConfig::default(),
+    let mut cfg = match (&args.fleet, args.instance, args.config.as_deref()) {
+        (Some(file), Some(id), _) => fleet_cmd::member_config(file, id)?,
+        (_, _, Some(p)) => RelayConfig::read_file(p).map_err(|e| e.to_string())?,
+        _ => RelayConfig::default(),
     };
     apply_flags(&mut cfg, &args)?;
     cfg.validate()

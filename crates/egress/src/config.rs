@@ -1,6 +1,7 @@
 //! Operator configuration of the egress pool: typed once, validated by [`crate::EgressPool::new`].
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -14,8 +15,12 @@ pub struct EgressConfig {
     pub prefixes: Vec<ipnet::IpNet>,
     /// When a new source address is drawn.
     pub policy: EgressPolicy,
-    /// Length of an epoch for [`EgressPolicy::Epoch`], in seconds. Must be > 0.
+    /// Length of an epoch for [`EgressPolicy::Epoch`], in seconds. Must be > 0. Epoch `e` is
+    /// `floor(unix_time / epoch_secs)`, the same on every relay of a fleet.
     pub epoch_secs: u64,
+    /// File holding the fleet secret (≥ 32 bytes, e.g. `openssl rand -hex 32`) that keys each
+    /// epoch's address choice, shared by a fleet's members. Absent: a random per-process secret.
+    pub epoch_secret_file: Option<PathBuf>,
     /// What to do for a destination whose family has no prefix.
     pub fallback: Fallback,
 }
@@ -26,6 +31,7 @@ impl Default for EgressConfig {
             prefixes: Vec::new(),
             policy: EgressPolicy::default(),
             epoch_secs: 600,
+            epoch_secret_file: None,
             fallback: Fallback::default(),
         }
     }
@@ -41,7 +47,8 @@ pub enum EgressPolicy {
     PerTunnel,
     /// All tunnels of one client connection share one address per family, drawn at the first tunnel.
     PerConnection,
-    /// Like `PerConnection`, but the address is replaced for tunnels opened after `epoch_secs`.
+    /// Like `PerConnection`, but the address is replaced for tunnels opened in a later epoch
+    /// (`floor(unix_time / epoch_secs)`, fleet-wide; see [`crate::EpochSchedule`]).
     Epoch,
 }
 

@@ -11,10 +11,12 @@
 
 pub mod check;
 mod config;
+mod epoch;
 mod pool;
 mod socket;
 
 pub use config::{EgressConfig, EgressPolicy, Fallback, ParseNameError};
+pub use epoch::{Clock, EpochSchedule, SystemClock, MIN_SECRET_LEN};
 pub use pool::{ConnectionEgress, EgressPool};
 pub use socket::{bind_udp, connect_tcp};
 

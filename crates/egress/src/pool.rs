@@ -11,13 +11,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use ipnet::IpNet;
 use rand::rngs::OsRng;
-use rand::Rng;
-use tokio::time::Instant;
+use rand::{Rng, RngCore};
 
+use crate::epoch::{Clock, ConnectionSalt, EpochSchedule, SystemClock};
 use crate::{EgressConfig, EgressError, EgressPolicy, Fallback};
 
 /// Interface identifiers (low 64 bits of an IPv6 address) that are never issued, as inclusive ranges.
@@ -174,9 +173,14 @@ impl FamilyPool {
     /// whole pool keeps the choice exactly uniform over the issuable addresses (no modulo bias, no
     /// weighting error between prefixes).
     fn draw(&self) -> Result<IpAddr, EgressError> {
+        self.draw_from(&mut OsRng)
+    }
+
+    /// [`Self::draw`] from a given cryptographic stream (the epoch policy's keyed stream).
+    fn draw_from(&self, rng: &mut impl RngCore) -> Result<IpAddr, EgressError> {
         for _ in 0..MAX_DRAWS {
             // draft-scalone-cfr-source-privacy: CSPRNG, uniform over the whole pool.
-            let mut index = OsRng.gen_range(0..=self.last_index);
+            let mut index = rng.gen_range(0..=self.last_index);
             for b in &self.blocks {
                 match b.size() {
                     Some(size) if index >= size => index -= size,
@@ -201,7 +205,8 @@ struct PoolInner {
     v4: Option<FamilyPool>,
     v6: Option<FamilyPool>,
     policy: EgressPolicy,
-    epoch: Duration,
+    /// The fleet-wide epoch schedule; present exactly when the policy is `epoch`.
+    schedule: Option<EpochSchedule>,
     fallback: Fallback,
 }
 
@@ -218,17 +223,21 @@ impl PoolInner {
 impl EgressConfig {
     /// The rules [`EgressPool::new`] enforces, without building a pool (`cfr check-config`).
     pub fn validate(&self) -> Result<(), EgressError> {
-        check_config(self, Duration::from_secs(self.epoch_secs))
+        check_config(self)
     }
 }
 
 /// Prefixes in canonical form (no host bits set), no two prefixes overlapping, no prefix made only
 /// of reserved addresses, no IPv4-mapped IPv6 prefix, and a non-zero epoch.
-fn check_config(cfg: &EgressConfig, epoch: Duration) -> Result<(), EgressError> {
-    if epoch.is_zero() {
+fn check_config(cfg: &EgressConfig) -> Result<(), EgressError> {
+    if cfg.epoch_secs == 0 {
         return Err(EgressError::InvalidConfig(
             "epoch_secs must be greater than 0".into(),
         ));
+    }
+    if let (EgressPolicy::Epoch, Some(path)) = (cfg.policy, &cfg.epoch_secret_file) {
+        // Read and checked here too, so `cfr check-config` reports a missing or short secret.
+        EpochSchedule::from_secret_file(cfg.epoch_secs, path, Arc::new(SystemClock))?;
     }
     for (i, p) in cfg.prefixes.iter().enumerate() {
         if p.trunc() != *p {
@@ -271,12 +280,25 @@ impl EgressPool {
     /// Validates the configuration: prefixes in canonical form (no host bits set), no two prefixes
     /// overlapping, no prefix made only of reserved addresses, no IPv4-mapped IPv6 prefix, and
     /// `epoch_secs > 0`.
+    ///
+    /// Under the `epoch` policy it reads `epoch_secret_file` (or, without one, keys the epochs with a
+    /// random secret of this process alone).
     pub fn new(cfg: &EgressConfig) -> Result<Self, EgressError> {
-        Self::with_epoch(cfg, Duration::from_secs(cfg.epoch_secs))
+        Self::with_clock(cfg, Arc::new(SystemClock))
     }
 
-    fn with_epoch(cfg: &EgressConfig, epoch: Duration) -> Result<Self, EgressError> {
-        check_config(cfg, epoch)?;
+    /// [`Self::new`] with the epoch schedule on `clock` (tests move time by hand).
+    pub fn with_clock(cfg: &EgressConfig, clock: Arc<dyn Clock>) -> Result<Self, EgressError> {
+        check_config(cfg)?;
+        let schedule = match (cfg.policy, &cfg.epoch_secret_file) {
+            (EgressPolicy::Epoch, Some(path)) => Some(EpochSchedule::from_secret_file(
+                cfg.epoch_secs,
+                path,
+                clock,
+            )?),
+            (EgressPolicy::Epoch, None) => Some(EpochSchedule::random(cfg.epoch_secs, clock)?),
+            _ => None,
+        };
         let (v6, v4): (Vec<Block>, Vec<Block>) = cfg
             .prefixes
             .iter()
@@ -288,7 +310,7 @@ impl EgressPool {
                 v4: FamilyPool::new(v4, "v4")?,
                 v6: FamilyPool::new(v6, "v6")?,
                 policy: cfg.policy,
-                epoch,
+                schedule,
                 fallback: cfg.fallback,
             }),
         })
@@ -304,6 +326,11 @@ impl EgressPool {
         self.inner.family(family_v6).is_some()
     }
 
+    /// The epoch schedule, under the `epoch` policy.
+    pub fn epoch_schedule(&self) -> Option<&EpochSchedule> {
+        self.inner.schedule.as_ref()
+    }
+
     /// The configured prefixes, in configuration order.
     pub fn prefixes(&self) -> &[IpNet] {
         &self.inner.prefixes
@@ -314,6 +341,7 @@ impl EgressPool {
     pub fn connection(&self) -> ConnectionEgress {
         ConnectionEgress {
             pool: Arc::clone(&self.inner),
+            salt: ConnectionSalt::fresh(),
             sticky: Mutex::new([None, None]),
         }
     }
@@ -345,8 +373,8 @@ pub(crate) fn is_v6(addr: IpAddr) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct Sticky {
     addr: IpAddr,
-    /// For the epoch policy: tunnels opened at or after this instant get a new address.
-    until: Option<Instant>,
+    /// For the epoch policy: the epoch this address was drawn for.
+    epoch: Option<u64>,
 }
 
 /// Egress policy state of one client connection. `Send + Sync`; share it between the connection's
@@ -354,6 +382,8 @@ struct Sticky {
 #[derive(Debug)]
 pub struct ConnectionEgress {
     pool: Arc<PoolInner>,
+    /// Separates this connection's epoch draws from every other connection's.
+    salt: ConnectionSalt,
     /// Reused address per family ([0] = IPv4, [1] = IPv6) for the per-connection and epoch policies.
     sticky: Mutex<[Option<Sticky>; 2]>,
 }
@@ -377,22 +407,23 @@ impl ConnectionEgress {
                 Fallback::Refuse => Err(EgressError::NoAddressForFamily { v6 }),
             };
         };
-        let until = match pool.policy {
-            EgressPolicy::PerTunnel => return family.draw().map(Some),
-            EgressPolicy::PerConnection => None,
-            EgressPolicy::Epoch => Some(pool.epoch),
+        let epoch = match (pool.policy, &pool.schedule) {
+            (EgressPolicy::PerTunnel, _) => return family.draw().map(Some),
+            (EgressPolicy::Epoch, Some(schedule)) => Some(schedule.current()),
+            _ => None,
         };
         let mut sticky = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
         let slot = &mut sticky[usize::from(v6)];
-        let now = Instant::now();
         match slot {
-            Some(s) if s.until.is_none_or(|t| now < t) => Ok(Some(s.addr)),
+            Some(s) if s.epoch == epoch => Ok(Some(s.addr)),
             _ => {
-                let addr = family.draw()?;
-                *slot = Some(Sticky {
-                    addr,
-                    until: until.map(|d| now + d),
-                });
+                let addr = match (epoch, &pool.schedule) {
+                    (Some(e), Some(schedule)) => {
+                        family.draw_from(&mut schedule.stream(e, v6, &self.salt))?
+                    }
+                    _ => family.draw()?,
+                };
+                *slot = Some(Sticky { addr, epoch });
                 Ok(Some(addr))
             }
         }
@@ -402,13 +433,16 @@ impl ConnectionEgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::epoch::tests::ManualClock;
     use std::collections::HashSet;
+    use std::time::Duration;
 
     fn pool(prefixes: &[&str], policy: EgressPolicy, fallback: Fallback) -> EgressPool {
         EgressPool::new(&EgressConfig {
             prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
             policy,
             epoch_secs: 600,
+            epoch_secret_file: None,
             fallback,
         })
         .unwrap()
@@ -663,22 +697,92 @@ mod tests {
         assert_ne!(c2.source_for(V6DEST).unwrap(), Some(a6));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn epoch_keeps_the_address_for_the_epoch_then_rotates() {
-        let p = pool(&["2001:db8:cf::/64"], EgressPolicy::Epoch, Fallback::System);
+    #[test]
+    fn epoch_keeps_the_address_until_the_unix_aligned_boundary_then_rotates() {
+        let clock = ManualClock::at(Duration::from_secs(1_800_000_300));
+        let p = EgressPool::with_clock(
+            &EgressConfig {
+                prefixes: vec!["2001:db8:cf::/64".parse().unwrap()],
+                policy: EgressPolicy::Epoch,
+                ..EgressConfig::default()
+            },
+            clock.clone(),
+        )
+        .unwrap();
         let c = p.connection();
         let first = c.source_for(V6DEST).unwrap().unwrap();
-        tokio::time::advance(Duration::from_secs(599)).await;
+        // The epoch started at 1_800_000_000 (a multiple of 600), not when the connection came.
+        clock.set(Duration::from_millis(1_800_000_599_999));
         assert_eq!(c.source_for(V6DEST).unwrap(), Some(first), "rotated early");
-        tokio::time::advance(Duration::from_secs(1)).await;
+        clock.set(Duration::from_secs(1_800_000_600));
         let second = c.source_for(V6DEST).unwrap().unwrap();
-        assert_ne!(second, first, "not rotated after the epoch");
-        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_ne!(second, first, "not rotated at the epoch boundary");
+        clock.set(Duration::from_secs(1_800_001_199));
+        assert_eq!(c.source_for(V6DEST).unwrap(), Some(second));
+        // Two connections in one epoch draw independently.
+        assert_ne!(p.connection().source_for(V6DEST).unwrap(), Some(second));
+    }
+
+    /// Three pools on three clocks that disagree by up to 400 ms (three fleet members) with one
+    /// secret: each switches exactly when its own clock crosses the shared boundary.
+    #[test]
+    fn fleet_members_rotate_in_lockstep_with_a_shared_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("fleet.secret");
+        std::fs::write(&secret, "a fleet secret of at least thirty-two bytes\n").unwrap();
+        let boundary = Duration::from_secs(1_800_000_060);
+        let skews = [
+            Duration::ZERO,
+            Duration::from_millis(150),
+            Duration::from_millis(400),
+        ];
+        let members: Vec<_> = [
+            "2001:db8:cf::/66",
+            "2001:db8:cf:0:4000::/66",
+            "2001:db8:cf:0:8000::/66",
+        ]
+        .iter()
+        .zip(skews)
+        .map(|(net, skew)| {
+            let clock = ManualClock::at(boundary - Duration::from_secs(30) - skew);
+            let pool = EgressPool::with_clock(
+                &EgressConfig {
+                    prefixes: vec![net.parse().unwrap()],
+                    policy: EgressPolicy::Epoch,
+                    epoch_secs: 60,
+                    epoch_secret_file: Some(secret.clone()),
+                    ..EgressConfig::default()
+                },
+                clock.clone(),
+            )
+            .unwrap();
+            let conn = pool.connection();
+            let before = conn.source_for(V6DEST).unwrap().unwrap();
+            (clock, pool, conn, before, skew)
+        })
+        .collect();
+        let epochs = |t: Duration| -> Vec<u64> {
+            members
+                .iter()
+                .map(|(clock, pool, _, _, skew)| {
+                    clock.set(t.saturating_sub(*skew));
+                    pool.epoch_schedule().unwrap().current()
+                })
+                .collect()
+        };
         assert_eq!(
-            c.source_for(V6DEST).unwrap(),
-            Some(second),
-            "new epoch starts at rotation"
+            epochs(boundary - Duration::from_millis(1)),
+            [1_800_000_060 / 60 - 1; 3]
         );
+        // Wall time boundary + 400 ms: every member is past the boundary on its own clock.
+        assert_eq!(
+            epochs(boundary + Duration::from_millis(400)),
+            [1_800_000_060 / 60; 3]
+        );
+        for (_, _, conn, before, _) in &members {
+            let after = conn.source_for(V6DEST).unwrap().unwrap();
+            assert_ne!(after, *before, "a member did not rotate at the boundary");
+        }
     }
 
     #[test]

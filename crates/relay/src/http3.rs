@@ -47,6 +47,10 @@ pub fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
     t
 }
 
+/// How long a draining connection whose tunnels have all ended stays open (at least; 8 RTTs when
+/// longer) so the stream data they wrote last reaches the client before the close.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
+
 /// Serves one accepted QUIC connection until it closes.
 pub(crate) async fn serve_connection(
     ctx: &FrontCtx,
@@ -98,6 +102,11 @@ pub(crate) async fn serve_connection(
                 requests.close();
             }
             _ = requests.wait(), if draining => {
+                // The last tunnels' bytes may still sit in quinn's send buffers (a slow reader's
+                // flow-control window): an immediate close would discard them. Give them time to
+                // leave, or the client time to close first.
+                let linger = DRAIN_LINGER.max(quic.rtt() * 8);
+                let _ = tokio::time::timeout(linger, quic.closed()).await;
                 //= https://www.rfc-editor.org/rfc/rfc9114#section-5.2
                 //# An endpoint that completes a
                 //# graceful shutdown SHOULD use the H3_NO_ERROR error code when closing
