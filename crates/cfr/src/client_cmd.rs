@@ -7,7 +7,8 @@ use std::time::Duration;
 use cfr_client::discover::{Discovery, PvdLocation};
 use cfr_client::select::{Policy, RelaySet};
 use cfr_client::{
-    ClientConfig, ClientError, DatagramMode, RelayUrl, TcpTunnel, Trust, TunnelOpener, UdpTunnel,
+    ClientConfig, ClientError, DatagramMode, RelayUrl, TcpTunnel, TransportMode, Trust,
+    TunnelOpener, UdpTunnel,
 };
 use cfr_proto::Target;
 use clap::Args;
@@ -62,9 +63,13 @@ pub struct ClientArgs {
     /// QUIC datagrams (for paths that drop them).
     #[arg(long)]
     pub capsules: bool,
-    /// QUIC + HTTP/3 handshake timeout per relay, in seconds.
+    /// QUIC + HTTP/3 handshake timeout per relay, in seconds (also bounds the TLS/TCP handshake).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout_secs: u64,
+    /// How to reach relays: auto (HTTP/3, falling back to the relay's TLS/TCP front-end on the
+    /// same port — HTTP/2, else HTTP/1.1 — when the HTTP/3 handshake fails), h3, or tcp.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_transport)]
+    pub transport: TransportMode,
     /// Print the bound local addresses as a JSON line on stdout once listening (for tests).
     #[arg(long, hide = true)]
     pub print_ready: bool,
@@ -91,6 +96,10 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
+    s.parse()
+}
+
+fn parse_transport(s: &str) -> Result<TransportMode, String> {
     s.parse()
 }
 
@@ -166,6 +175,7 @@ fn base_config(args: &ClientArgs) -> Result<ClientConfig, String> {
     c.token = token;
     c.connect_timeout = Duration::from_secs(args.connect_timeout_secs);
     c.client_cert = args.client_cert.clone().zip(args.client_key.clone());
+    c.transport = args.transport;
     if args.capsules {
         c.datagrams = DatagramMode::Capsules;
     }
@@ -315,8 +325,8 @@ pub async fn run(args: ClientArgs) -> Result<ExitCode, String> {
         });
     }
     eprintln!(
-        "cfr client: {relay_count} relay(s), selection policy {}",
-        args.select
+        "cfr client: {relay_count} relay(s), selection policy {}, transport {}",
+        args.select, args.transport
     );
     if args.print_ready {
         println!(
@@ -330,10 +340,17 @@ pub async fn run(args: ClientArgs) -> Result<ExitCode, String> {
     // background and for new tunnels. (Discovered relay sets warm up by themselves.)
     if let Relays::Listed(warm) = set.clone() {
         tokio::spawn(async move {
-            for (relay, result) in warm.warm_up().await {
+            let results = warm.warm_up().await;
+            let status = warm.status();
+            for (relay, result) in results {
+                let transport = status
+                    .iter()
+                    .find(|s| s.relay == relay)
+                    .and_then(|s| s.protocol)
+                    .unwrap_or("none");
                 match result {
                     Ok(rtt) => {
-                        tracing::info!(%relay, rtt_ms = rtt.as_millis() as u64, "relay connected")
+                        tracing::info!(%relay, transport, rtt_ms = rtt.as_millis() as u64, "relay connected")
                     }
                     Err(e) => {
                         tracing::warn!(%relay, error = %e, "relay unreachable at start; retrying in the background and for new tunnels")

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cfr_testkit::browser::{
@@ -22,7 +21,8 @@ struct CfrClient {
     child: Child,
     socks: Option<SocketAddr>,
     http: Option<SocketAddr>,
-    stderr: Arc<Mutex<String>>,
+    /// Everything it printed on stderr so far; a change wakes [`CfrClient::wait_for_stderr`].
+    stderr: tokio::sync::watch::Receiver<String>,
 }
 
 impl CfrClient {
@@ -39,14 +39,14 @@ impl CfrClient {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn cfr client");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let log = stderr.clone();
+        let (log, stderr) = tokio::sync::watch::channel(String::new());
         let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
         tokio::spawn(async move {
             while let Ok(Some(l)) = err_lines.next_line().await {
-                let mut log = log.lock().unwrap();
-                log.push_str(&l);
-                log.push('\n');
+                log.send_modify(|log| {
+                    log.push_str(&l);
+                    log.push('\n');
+                });
             }
         });
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -55,14 +55,14 @@ impl CfrClient {
             .unwrap_or_else(|_| {
                 panic!(
                     "no ready line within {LIMIT:?}; stderr:\n{}",
-                    stderr.lock().unwrap()
+                    *stderr.borrow()
                 )
             })
             .unwrap()
             .unwrap_or_else(|| {
                 panic!(
                     "cfr client exited before ready; stderr:\n{}",
-                    stderr.lock().unwrap()
+                    *stderr.borrow()
                 )
             });
         assert!(line.starts_with("{\"ready\":true"), "ready line: {line}");
@@ -75,7 +75,19 @@ impl CfrClient {
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.borrow().clone()
+    }
+
+    /// Waits (within [`LIMIT`]) until stderr contains `needle`; returns stderr.
+    async fn wait_for_stderr(&self, needle: &str) -> String {
+        let mut rx = self.stderr.clone();
+        let found = tokio::time::timeout(LIMIT, rx.wait_for(|log| log.contains(needle))).await;
+        let log = self.stderr();
+        assert!(
+            matches!(found, Ok(Ok(_))),
+            "expected {needle:?} on cfr client's stderr within {LIMIT:?}; stderr:\n{log}"
+        );
+        log
     }
 
     /// SIGTERM, then the exit status (bounded).
@@ -135,16 +147,10 @@ async fn cli_curl_fetches_https_origin_through_socks5_and_http_proxy() {
     let client = CfrClient::start(&args).await;
     let socks = client.socks.expect("SOCKS5 address in the ready line");
     let http = client.http.expect("HTTP proxy address in the ready line");
-    let stderr = client.stderr();
-    assert!(
-        stderr.contains(&format!("SOCKS5 proxy on {socks}")) || {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            client
-                .stderr()
-                .contains(&format!("SOCKS5 proxy on {socks}"))
-        },
-        "prints what it listens on: {stderr}"
-    );
+    // Prints what it listens on.
+    client
+        .wait_for_stderr(&format!("SOCKS5 proxy on {socks}"))
+        .await;
 
     let url = origin.localhost_url("/");
     let ca = origin.ca_pem_path().to_str().unwrap();
@@ -296,15 +302,7 @@ async fn cli_keeps_serving_when_relay_is_unreachable_at_start() {
     ])
     .await;
     let socks = client.socks.unwrap();
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !client.stderr().contains("unreachable at start") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "expected a warning about the unreachable relay; stderr:\n{}",
-            client.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    client.wait_for_stderr("unreachable at start").await;
 
     // A tunnel request fails cleanly (general failure), and the listener keeps serving.
     let echo = TcpEcho::start(lo()).await;
@@ -323,6 +321,77 @@ async fn cli_keeps_serving_when_relay_is_unreachable_at_start() {
             .unwrap();
         assert_eq!(reply[1], 0x01, "no relay → general SOCKS server failure");
     }
+    let status = client.terminate().await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_falls_back_to_http2_over_tls_tcp_when_udp_to_the_relay_is_blackholed() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = HttpsOrigin::start(origin_bind()).await;
+    // The relay's TLS/TCP front-end on a port of its own; on that port number UDP goes into a
+    // socket nobody reads: QUIC packets vanish without an ICMP error, like on a network that drops
+    // UDP. (The relay's HTTP/3 listener is on another port the client never hears of.)
+    let relay = TestRelay::start_with(|c| {
+        resolve_localhost_to_origin_ip(c);
+        c.listen_tcp = Some(lo());
+    })
+    .await;
+    let tcp_port = relay.tcp_addr.expect("TCP front-end").port();
+    assert_ne!(
+        tcp_port,
+        relay.addr.port(),
+        "HTTP/3 must not be reachable on the client's port"
+    );
+    let _blackhole = std::net::UdpSocket::bind(("127.0.0.1", tcp_port))
+        .expect("bind the UDP blackhole on the TCP front-end's port number");
+    let token = dir.path().join("token");
+    std::fs::write(&token, &relay.token).unwrap();
+    let relay_url = format!("https://localhost:{tcp_port}");
+    let client = CfrClient::start(&[
+        "--relay",
+        &relay_url,
+        "--ca",
+        relay.ca_pem.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--socks5",
+        "127.0.0.1:0",
+        "--connect-timeout-secs",
+        "2",
+    ])
+    .await;
+    let socks = client.socks.unwrap().to_string();
+    // The log names the transport the relay is used over.
+    client
+        .wait_for_stderr("using its TLS/TCP front-end over HTTP/2")
+        .await;
+    let log = client.wait_for_stderr("relay connected").await;
+    assert!(
+        log.lines().any(|l| l.contains("relay connected")
+            && l.contains("transport")
+            && l.contains("\"h2\"")),
+        "the start-up line says the relay is used over h2:\n{log}"
+    );
+
+    let url = origin.localhost_url("/");
+    let ca = origin.ca_pem_path().to_str().unwrap();
+    let (ok, body, err) = curl(&["--socks5-hostname", &socks, "--cacert", ca, &url]).await;
+    assert!(
+        ok,
+        "curl through SOCKS5 over the fallback: {err}\nstderr:\n{}",
+        client.stderr()
+    );
+    assert_eq!(body.as_bytes(), ROOT_BODY, "origin body over the fallback");
+    assert_eq!(
+        (
+            relay.core().requests_seen("h2"),
+            relay.core().requests_seen("h3"),
+            relay.core().requests_seen("http/1.1")
+        ),
+        (1, 0, 0),
+        "the tunnel went over HTTP/2 on the TLS/TCP front-end"
+    );
     let status = client.terminate().await;
     assert!(status.success(), "{status:?}");
 }

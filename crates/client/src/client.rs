@@ -48,7 +48,7 @@ impl RawTunnel {
 pub(crate) struct Routes {
     map: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
     /// Datagrams dropped: unknown stream, unknown context ID, or full tunnel queue.
-    pub(crate) dropped: AtomicU64,
+    pub(crate) dropped: Arc<AtomicU64>,
 }
 
 impl Routes {
@@ -377,6 +377,11 @@ impl RelayClient {
         })
     }
 
+    /// Whether both are handles of the same client.
+    pub(crate) fn same_as(&self, other: &RelayClient) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The relay's address of the current (or last) connection.
     pub fn remote_addr(&self) -> SocketAddr {
         *self.inner.remote.lock().unwrap()
@@ -607,14 +612,19 @@ fn check_status(resp: &http::Response<()>) -> Result<(), ClientError> {
     if resp.status().is_success() {
         return Ok(());
     }
+    Err(refusal(resp))
+}
+
+/// The relay's refusal as [`ClientError::Refused`], with its Proxy-Status (RFC 9209) if any.
+pub(crate) fn refusal(resp: &http::Response<()>) -> ClientError {
     let proxy_status = resp
         .headers()
         .get_all("proxy-status")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .find_map(cfr_proto::ProxyStatus::parse);
-    Err(ClientError::Refused {
+    ClientError::Refused {
         status: resp.status(),
         proxy_status,
-    })
+    }
 }

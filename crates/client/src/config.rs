@@ -64,6 +64,42 @@ pub enum DatagramMode {
     Capsules,
 }
 
+/// Which transports [`crate::select::RelaySet`] uses to reach a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportMode {
+    /// HTTP/3; when its handshake fails or times out (UDP blocked), the relay's TLS/TCP
+    /// front-end on the same host and port (HTTP/2, else HTTP/1.1), retrying HTTP/3 in the
+    /// background.
+    #[default]
+    Auto,
+    /// HTTP/3 only.
+    H3,
+    /// The TLS/TCP front-end only (HTTP/2, else HTTP/1.1).
+    TlsTcp,
+}
+
+impl std::str::FromStr for TransportMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TransportMode::Auto),
+            "h3" => Ok(TransportMode::H3),
+            "tcp" => Ok(TransportMode::TlsTcp),
+            other => Err(format!("unknown transport {other:?} (auto, h3, tcp)")),
+        }
+    }
+}
+
+impl std::fmt::Display for TransportMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportMode::Auto => "auto",
+            TransportMode::H3 => "h3",
+            TransportMode::TlsTcp => "tcp",
+        })
+    }
+}
+
 /// Everything [`crate::RelayClient::connect`] needs.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -72,7 +108,8 @@ pub struct ClientConfig {
     pub trust: Trust,
     /// Sent as `proxy-authorization: Bearer <token>` on every CONNECT.
     pub token: Option<String>,
-    /// QUIC + HTTP/3 handshake timeout (until the relay's SETTINGS arrived).
+    /// QUIC + HTTP/3 handshake timeout (until the relay's SETTINGS arrived); also bounds the
+    /// TCP + TLS (+ HTTP/2) handshake of the TLS/TCP front-end.
     pub connect_timeout: Duration,
     pub datagrams: DatagramMode,
     /// Local UDP bind address; default: unspecified address of the relay's family, any port.
@@ -83,6 +120,9 @@ pub struct ClientConfig {
     /// The relay's connect-udp URI template (e.g. learnt from its PvD); `None`: the RFC 9298
     /// default `/.well-known/masque/udp/{target_host}/{target_port}/`.
     pub udp_template: Option<cfr_proto::UdpTemplate>,
+    /// Which transports a [`crate::select::RelaySet`] may use (a [`crate::RelayClient`] is
+    /// always HTTP/3, a [`crate::FrontClient`] always TLS/TCP).
+    pub transport: TransportMode,
 }
 
 impl ClientConfig {
@@ -97,6 +137,7 @@ impl ClientConfig {
             local_bind: None,
             client_cert: None,
             udp_template: None,
+            transport: TransportMode::Auto,
         }
     }
 

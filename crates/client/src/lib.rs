@@ -3,6 +3,8 @@
 //! - [`RelayClient::connect_tcp`]: classic CONNECT (RFC 9114 §4.4) → [`TcpTunnel`] (`AsyncRead + AsyncWrite`).
 //! - [`RelayClient::connect_udp`]: CONNECT-UDP (RFC 9298) → [`UdpTunnel`], carried in QUIC DATAGRAM
 //!   frames (RFC 9297 §2) when the relay negotiated them, else in DATAGRAM capsules (RFC 9297 §3.5).
+//! - [`front`]: the same tunnels over the relay's TLS/TCP front-end (HTTP/2, HTTP/1.1), for
+//!   networks that block UDP; [`select::RelaySet`] falls back to it by itself.
 //! - [`local`]: SOCKS5 and HTTP CONNECT listeners on top of a client; [`select`]: several relays.
 //! - [`socks5`]: a sans-IO SOCKS5 codec.
 #![forbid(unsafe_code)]
@@ -10,6 +12,7 @@
 mod client;
 mod config;
 pub mod discover;
+pub mod front;
 pub mod local;
 pub mod select;
 /// The SOCKS5 codec lives in the sans-IO protocol crate (fuzzed there); re-exported here.
@@ -18,7 +21,8 @@ mod tcp;
 mod udp;
 
 pub use client::{H3Stream, RawTunnel, RelayClient, TunnelOpener};
-pub use config::{ClientConfig, DatagramMode, RelayUrl, Trust};
+pub use config::{ClientConfig, DatagramMode, RelayUrl, TransportMode, Trust};
+pub use front::{FrontClient, FrontVersion};
 pub use tcp::TcpTunnel;
 pub use udp::UdpTunnel;
 
@@ -42,6 +46,9 @@ pub enum ClientError {
     /// HTTP/3 layer error (stream or connection).
     #[error("HTTP/3: {0}")]
     H3(String),
+    /// HTTP/2 or HTTP/1.1 layer error on the relay's TLS/TCP front-end.
+    #[error("HTTP over TLS/TCP: {0}")]
+    Http(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     /// The tunnel or client is closed.
@@ -91,6 +98,7 @@ impl ClientError {
             ClientError::Connect(_)
                 | ClientError::Tls(_)
                 | ClientError::H3(_)
+                | ClientError::Http(_)
                 | ClientError::Io(_)
                 | ClientError::Timeout
                 | ClientError::NotSupported(_)

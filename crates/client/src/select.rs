@@ -12,6 +12,13 @@
 //! works. A new tunnel tries the next relay as soon as one fails, so it fails over within about
 //! one handshake timeout; an open tunnel never moves (it lives on one QUIC connection). When every
 //! relay is down, new tunnels still try them all (earliest retry first) rather than fail at once.
+//!
+//! Transport ([`TransportMode::Auto`], the default): a relay is reached over HTTP/3 first; when
+//! its QUIC/HTTP/3 handshake fails or times out (UDP blocked on the path), the relay's TLS/TCP
+//! front-end on the same host and port is used instead (HTTP/2 if the relay offers it by ALPN,
+//! else HTTP/1.1), for TCP tunnels and for connect-udp with capsules. HTTP/3 is retried in the
+//! background (back-off [`H3_RETRY_MIN`] doubling to [`MAX_BACKOFF`]) and takes over for new
+//! tunnels once its handshake succeeds. Every change of transport is logged with the relay URL.
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -19,11 +26,17 @@ use std::time::{Duration, Instant};
 use cfr_proto::Target;
 use rand::seq::SliceRandom;
 
-use crate::{ClientConfig, ClientError, RelayClient, TcpTunnel, TunnelOpener, UdpTunnel};
+use crate::{
+    ClientConfig, ClientError, FrontClient, RelayClient, TcpTunnel, TransportMode, TunnelOpener,
+    UdpTunnel,
+};
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// First retry of HTTP/3 after falling back to TLS/TCP; each retry may wait a whole handshake
+/// timeout on a path that drops UDP, so they start less eagerly than relay retries.
+pub const H3_RETRY_MIN: Duration = Duration::from_secs(5);
 /// How often the health task looks for down relays whose back-off expired.
 const HEALTH_TICK: Duration = Duration::from_millis(250);
 
@@ -67,11 +80,69 @@ struct Health {
     retry_at: Option<Instant>,
     backoff: Duration,
     rtt: Option<Duration>,
+    /// On the TLS/TCP fallback: when the health task tries HTTP/3 again, and the back-off.
+    h3_retry_at: Option<Instant>,
+    h3_backoff: Duration,
+}
+
+/// How new tunnels reach one relay.
+#[derive(Clone)]
+enum Transport {
+    H3(RelayClient),
+    TlsTcp(FrontClient),
+}
+
+impl Transport {
+    /// `h3`, `h2` or `http/1.1`.
+    fn protocol(&self) -> &'static str {
+        match self {
+            Transport::H3(_) => "h3",
+            Transport::TlsTcp(f) => f.version().alpn(),
+        }
+    }
+
+    fn is(&self, other: &Transport) -> bool {
+        match (self, other) {
+            (Transport::H3(a), Transport::H3(b)) => a.same_as(b),
+            (Transport::TlsTcp(a), Transport::TlsTcp(b)) => a.same_as(b),
+            _ => false,
+        }
+    }
+
+    async fn connect_tcp(&self, target: &Target) -> Result<TcpTunnel, ClientError> {
+        match self {
+            Transport::H3(c) => c.connect_tcp(target).await,
+            Transport::TlsTcp(c) => c.connect_tcp(target).await,
+        }
+    }
+
+    async fn connect_udp(&self, target: &Target) -> Result<UdpTunnel, ClientError> {
+        match self {
+            Transport::H3(c) => c.connect_udp(target).await,
+            Transport::TlsTcp(c) => c.connect_udp(target).await,
+        }
+    }
+
+    async fn rtt_probe(&self) -> Result<Duration, ClientError> {
+        match self {
+            Transport::H3(c) => c.rtt_probe().await,
+            Transport::TlsTcp(c) => c.rtt_probe().await,
+        }
+    }
+
+    fn close(&self) {
+        match self {
+            Transport::H3(c) => c.close(),
+            // HTTP/2 closes once the client and its last stream are dropped; HTTP/1.1 tunnels
+            // own their connections.
+            Transport::TlsTcp(_) => {}
+        }
+    }
 }
 
 struct Relay {
     cfg: ClientConfig,
-    client: tokio::sync::Mutex<Option<RelayClient>>,
+    transport: tokio::sync::Mutex<Option<Transport>>,
     health: Mutex<Health>,
 }
 
@@ -79,9 +150,127 @@ impl Relay {
     fn new(cfg: ClientConfig) -> Relay {
         Relay {
             cfg,
-            client: tokio::sync::Mutex::new(None),
+            transport: tokio::sync::Mutex::new(None),
             health: Mutex::new(Health::default()),
         }
+    }
+
+    /// Connects by the config's [`TransportMode`]: HTTP/3, falling back to TLS/TCP in `Auto`.
+    async fn connect_transport(&self) -> Result<Transport, ClientError> {
+        match self.cfg.transport {
+            TransportMode::H3 => Ok(Transport::H3(RelayClient::connect(self.cfg.clone()).await?)),
+            TransportMode::TlsTcp => Ok(Transport::TlsTcp(FrontClient::connect(&self.cfg).await?)),
+            TransportMode::Auto => match RelayClient::connect(self.cfg.clone()).await {
+                Ok(c) => {
+                    self.health.lock().unwrap().h3_retry_at = None;
+                    Ok(Transport::H3(c))
+                }
+                Err(h3) if h3.is_relay_failure() => self.fall_back(&h3).await,
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// The TLS/TCP front-end after HTTP/3 failed with `h3`.
+    async fn fall_back(&self, h3: &ClientError) -> Result<Transport, ClientError> {
+        match FrontClient::connect(&self.cfg).await {
+            Ok(f) => {
+                tracing::warn!(relay = %self.cfg.relay, http3_error = %h3, transport = f.version().alpn(),
+                    "HTTP/3 to the relay failed; using its TLS/TCP front-end over {} (HTTP/3 is retried in the background)", f.version());
+                let mut h = self.health.lock().unwrap();
+                h.h3_backoff = H3_RETRY_MIN;
+                h.h3_retry_at = Some(Instant::now() + H3_RETRY_MIN);
+                Ok(Transport::TlsTcp(f))
+            }
+            Err(tcp) => Err(ClientError::Connect(format!(
+                "HTTP/3: {h3}; TLS/TCP front-end: {tcp}"
+            ))),
+        }
+    }
+
+    /// The transport for new tunnels, connecting first if there is none yet.
+    async fn transport(&self) -> Result<Transport, ClientError> {
+        let mut slot = self.transport.lock().await;
+        if let Some(t) = &*slot {
+            return Ok(t.clone());
+        }
+        let started = Instant::now();
+        let t = self.connect_transport().await?;
+        if let Transport::H3(_) = t {
+            tracing::info!(relay = %self.cfg.relay, transport = "h3", "relay reached over HTTP/3");
+        }
+        self.mark_up(Some(started.elapsed()));
+        *slot = Some(t.clone());
+        Ok(t)
+    }
+
+    /// After `failed` failed with `why`: the TLS/TCP front-end if HTTP/3 failed in `Auto` mode,
+    /// or a fresh start with HTTP/3 if the fallback itself failed. `None`: nothing else to try
+    /// now (the clients reconnect by themselves on the next tunnel).
+    async fn recover(&self, failed: &Transport, why: &ClientError) -> Option<Transport> {
+        if self.cfg.transport != TransportMode::Auto {
+            return None;
+        }
+        let mut slot = self.transport.lock().await;
+        match &*slot {
+            // Someone else already replaced it.
+            Some(t) if !t.is(failed) => return Some(t.clone()),
+            _ => {}
+        }
+        let next = match failed {
+            Transport::H3(_) => self.fall_back(why).await.ok()?,
+            Transport::TlsTcp(_) => {
+                *slot = None;
+                let t = self.connect_transport().await.ok()?;
+                if let Transport::H3(_) = t {
+                    tracing::info!(relay = %self.cfg.relay, transport = "h3", "relay reached over HTTP/3 again");
+                }
+                t
+            }
+        };
+        if let Some(old) = slot.replace(next.clone()) {
+            old.close();
+        }
+        Some(next)
+    }
+
+    /// On the TLS/TCP fallback, whether the health task should try HTTP/3 again.
+    fn h3_retry_due(&self, now: Instant) -> bool {
+        self.cfg.transport == TransportMode::Auto
+            && self
+                .health
+                .lock()
+                .unwrap()
+                .h3_retry_at
+                .is_some_and(|t| t <= now)
+    }
+
+    /// One HTTP/3 handshake while on the fallback; on success new tunnels use HTTP/3.
+    async fn retry_h3(&self) {
+        match RelayClient::connect(self.cfg.clone()).await {
+            Ok(c) => {
+                let mut slot = self.transport.lock().await;
+                if let Some(old) = slot.replace(Transport::H3(c)) {
+                    old.close();
+                }
+                self.health.lock().unwrap().h3_retry_at = None;
+                tracing::info!(relay = %self.cfg.relay, transport = "h3", "HTTP/3 to the relay works again; new tunnels use it");
+            }
+            Err(e) => {
+                let mut h = self.health.lock().unwrap();
+                h.h3_backoff = (h.h3_backoff * 2).clamp(H3_RETRY_MIN, MAX_BACKOFF);
+                h.h3_retry_at = Some(Instant::now() + h.h3_backoff);
+                tracing::debug!(relay = %self.cfg.relay, error = %e, backoff = ?h.h3_backoff, "HTTP/3 to the relay still fails; staying on TLS/TCP");
+            }
+        }
+    }
+
+    /// The protocol new tunnels use now, if connected.
+    fn protocol(&self) -> Option<&'static str> {
+        self.transport
+            .try_lock()
+            .ok()
+            .and_then(|t| t.as_ref().map(Transport::protocol))
     }
 
     fn is_up(&self) -> bool {
@@ -118,23 +307,18 @@ impl Relay {
         }
     }
 
-    /// The relay's client, connecting first if there is none yet.
-    async fn client(&self) -> Result<RelayClient, ClientError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = &*slot {
-            return Ok(c.clone());
-        }
-        let started = Instant::now();
-        let c = RelayClient::connect(self.cfg.clone()).await?;
-        self.mark_up(Some(started.elapsed()));
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    /// A live connection (re-established if needed) and its RTT; marks the relay up or down.
+    /// A live connection (re-established, or switched to the fallback, if needed) and its RTT;
+    /// marks the relay up or down.
     async fn probe(&self) -> Result<Duration, ClientError> {
-        let result = match self.client().await {
-            Ok(c) => c.rtt_probe().await,
+        let result = match self.transport().await {
+            Ok(t) => match t.rtt_probe().await {
+                Ok(rtt) => Ok(rtt),
+                Err(e) if e.is_relay_failure() => match self.recover(&t, &e).await {
+                    Some(next) => next.rtt_probe().await,
+                    None => Err(e),
+                },
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match &result {
@@ -151,6 +335,9 @@ pub struct RelayStatus {
     pub relay: String,
     pub up: bool,
     pub rtt: Option<Duration>,
+    /// What new tunnels travel on: `h3`, or on the TLS/TCP fallback `h2` or `http/1.1`;
+    /// `None` before the first connection.
+    pub protocol: Option<&'static str>,
 }
 
 struct SetInner {
@@ -244,6 +431,7 @@ impl RelaySet {
                 relay: r.cfg.relay.clone(),
                 up: r.is_up(),
                 rtt: r.health.lock().unwrap().rtt,
+                protocol: r.protocol(),
             })
             .collect()
     }
@@ -269,13 +457,21 @@ impl RelaySet {
 
     async fn open<T, F, Fut>(&self, open: F) -> Result<T, ClientError>
     where
-        F: Fn(RelayClient) -> Fut,
+        F: Fn(Transport) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
         let mut last = None;
         for relay in self.candidates() {
-            let result = match relay.client().await {
-                Ok(c) => open(c).await,
+            let result = match relay.transport().await {
+                Ok(t) => match open(t.clone()).await {
+                    // HTTP/3 failed (or the fallback did): switch this relay's transport and
+                    // retry there before giving up on the relay.
+                    Err(e) if e.is_relay_failure() => match relay.recover(&t, &e).await {
+                        Some(next) => open(next).await,
+                        None => Err(e),
+                    },
+                    r => r,
+                },
                 Err(e) => Err(e),
             };
             match result {
@@ -310,8 +506,8 @@ impl RelaySet {
     /// Closes every relay connection.
     pub async fn close(&self) {
         for r in &self.inner.relays {
-            if let Some(c) = r.client.lock().await.take() {
-                c.close();
+            if let Some(t) = r.transport.lock().await.take() {
+                t.close();
             }
         }
     }
@@ -339,14 +535,18 @@ async fn health_loop(set: Weak<SetInner>) {
         if refresh_rtt {
             last_rtt_refresh = now;
         }
-        let due = set
-            .relays
-            .iter()
-            .filter(|r| r.retry_due(now) || (refresh_rtt && r.is_up()));
-        futures_util::future::join_all(due.map(|r| async move {
-            let _ = r.probe().await;
-        }))
-        .await;
+        let due = set.relays.iter().filter_map(|r| {
+            if r.retry_due(now) || (refresh_rtt && r.is_up()) {
+                Some(futures_util::future::Either::Left(async move {
+                    let _ = r.probe().await;
+                }))
+            } else if r.is_up() && r.h3_retry_due(now) {
+                Some(futures_util::future::Either::Right(r.retry_h3()))
+            } else {
+                None
+            }
+        });
+        futures_util::future::join_all(due).await;
     }
 }
 

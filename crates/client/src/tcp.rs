@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::PollSender;
 
 use crate::client::H3Stream;
+use crate::front::{FrontStream, FrontVersion};
 
 type SendHalf = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type RecvHalf = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
@@ -21,15 +22,29 @@ type RecvHalf = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 const MAX_CHUNK: usize = 64 * 1024;
 const WRITE_QUEUE: usize = 8;
 
-/// A byte stream through the relay to a TCP destination.
+/// A byte stream through the relay to a TCP destination, over HTTP/3 or over the relay's
+/// TLS/TCP front-end ([`crate::front`]).
 ///
 /// - `poll_shutdown` sends FIN (the relay half-closes the TCP connection); reading still works.
-/// - A stream reset by the relay (H3_CONNECT_ERROR: the destination reset the TCP connection)
-///   surfaces as [`io::ErrorKind::ConnectionReset`].
-/// - Dropping the tunnel without `shutdown` resets the stream with H3_CONNECT_ERROR, so the
-///   relay aborts the TCP connection (RFC 9114 §4.4).
+/// - A stream reset by the relay (H3_CONNECT_ERROR, or RST_STREAM CONNECT_ERROR on HTTP/2: the
+///   destination reset the TCP connection) surfaces as [`io::ErrorKind::ConnectionReset`].
+/// - Dropping the tunnel without `shutdown` resets the stream (H3_CONNECT_ERROR; RST_STREAM on
+///   HTTP/2), so the relay aborts the TCP connection (RFC 9114 §4.4, RFC 9113 §8.5).
 pub struct TcpTunnel {
     response: http::Response<()>,
+    io: TunnelIo,
+}
+
+// The HTTP/3 variant is the common one; boxing it would cost an indirection on every read and
+// write.
+#[allow(clippy::large_enum_variant)]
+enum TunnelIo {
+    H3(H3TcpStream),
+    Front(FrontStream),
+}
+
+/// The DATA frames of an HTTP/3 CONNECT stream as a byte stream.
+struct H3TcpStream {
     recv: RecvHalf,
     leftover: Bytes,
     read_done: bool,
@@ -51,14 +66,43 @@ impl TcpTunnel {
         response: http::Response<()>,
         conn: Arc<crate::client::Conn>,
     ) -> Self {
+        TcpTunnel {
+            response,
+            io: TunnelIo::H3(H3TcpStream::new(stream, conn)),
+        }
+    }
+
+    pub(crate) fn over_front(stream: FrontStream, response: http::Response<()>) -> Self {
+        TcpTunnel {
+            response,
+            io: TunnelIo::Front(stream),
+        }
+    }
+
+    /// The relay's 2xx response.
+    pub fn response(&self) -> &http::Response<()> {
+        &self.response
+    }
+
+    /// The HTTP version the tunnel travels on: `h3`, `h2` or `http/1.1`.
+    pub fn protocol(&self) -> &'static str {
+        match &self.io {
+            TunnelIo::H3(_) => "h3",
+            TunnelIo::Front(FrontStream::H2(_)) => FrontVersion::H2.alpn(),
+            TunnelIo::Front(FrontStream::Http11(_)) => FrontVersion::Http11.alpn(),
+        }
+    }
+}
+
+impl H3TcpStream {
+    fn new(stream: H3Stream, conn: Arc<crate::client::Conn>) -> Self {
         let (send, recv) = stream.split();
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let (abort_tx, abort_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
         let write_error = Arc::new(Mutex::new(None));
         tokio::spawn(write_pump(send, rx, abort_rx, done_tx, write_error.clone()));
-        TcpTunnel {
-            response,
+        H3TcpStream {
             recv,
             leftover: Bytes::new(),
             read_done: false,
@@ -69,11 +113,6 @@ impl TcpTunnel {
             _abort: abort_tx,
             _conn: conn,
         }
-    }
-
-    /// The relay's 2xx response.
-    pub fn response(&self) -> &http::Response<()> {
-        &self.response
     }
 
     fn write_err(&self) -> io::Error {
@@ -146,7 +185,7 @@ async fn write_pump(
     }
 }
 
-impl AsyncRead for TcpTunnel {
+impl AsyncRead for H3TcpStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -174,7 +213,7 @@ impl AsyncRead for TcpTunnel {
     }
 }
 
-impl AsyncWrite for TcpTunnel {
+impl AsyncWrite for H3TcpStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -228,11 +267,51 @@ impl AsyncWrite for TcpTunnel {
     }
 }
 
-impl Drop for TcpTunnel {
+impl Drop for H3TcpStream {
     fn drop(&mut self) {
         // The write pump resets the send side (H3_CONNECT_ERROR) when `_abort` drops. The receive
         // half is not stopped explicitly: h3 0.0.8 reads ahead, so h3-quinn 0.0.10 may hold the
         // QUIC stream inside a pending read, where its stop_sending panics. Dropping the half
         // drops the quinn RecvStream, which sends STOP_SENDING itself for an unfinished stream.
+    }
+}
+
+impl AsyncRead for TcpTunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            TunnelIo::H3(s) => Pin::new(s).poll_read(cx, buf),
+            TunnelIo::Front(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TcpTunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            TunnelIo::H3(s) => Pin::new(s).poll_write(cx, buf),
+            TunnelIo::Front(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            TunnelIo::H3(s) => Pin::new(s).poll_flush(cx),
+            TunnelIo::Front(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            TunnelIo::H3(s) => Pin::new(s).poll_shutdown(cx),
+            TunnelIo::Front(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

@@ -1,15 +1,20 @@
 //! A UDP tunnel (RFC 9298): UDP payloads as HTTP Datagrams with context ID 0, in QUIC DATAGRAM
 //! frames (RFC 9297 §2) or DATAGRAM capsules on the request stream (RFC 9297 §3.5).
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use cfr_proto::capsule::{self, Capsule, CapsuleDecoder};
 use cfr_proto::datagram;
 use h3::error::Code;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::client::{stream_error, Conn, H3Stream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::client::{stream_error, Conn, H3Stream, UDP_QUEUE};
+use crate::front::{FrontRecv, FrontSend, FrontStream, FrontVersion};
 use crate::ClientError;
 
 type SendHalf = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
@@ -23,8 +28,8 @@ const MAX_CAPSULE_VALUE: usize = datagram::MAX_UDP_PAYLOAD + 8;
 
 enum WriteCmd {
     Data(Bytes),
-    /// Abort the stream with this code (the receive side saw a protocol error).
-    Reset(Code),
+    /// Abort the stream (the receive side saw a protocol error).
+    Abort,
 }
 
 /// How the tunnel ended, for `recv` after the queue drained.
@@ -35,19 +40,26 @@ enum Ended {
     Error(String),
 }
 
-/// A UDP flow through the relay to one destination.
+/// A UDP flow through the relay to one destination, over HTTP/3 or over the relay's TLS/TCP
+/// front-end ([`crate::front`], capsules only).
 ///
 /// Received payloads from QUIC datagrams and capsules share one bounded queue; when it is full,
 /// new payloads are dropped (UDP semantics). Dropping the tunnel finishes the request stream.
 pub struct UdpTunnel {
     response: http::Response<()>,
-    conn: Arc<Conn>,
-    qsid: u64,
-    quic_datagrams: bool,
+    /// The HTTP/3 connection and request stream; `None` on the TLS/TCP front-end.
+    h3: Option<H3Path>,
+    protocol: &'static str,
     writer: mpsc::Sender<WriteCmd>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
     ended: Arc<Mutex<Option<Ended>>>,
     reader: JoinHandle<()>,
+}
+
+struct H3Path {
+    conn: Arc<Conn>,
+    qsid: u64,
+    quic_datagrams: bool,
 }
 
 impl UdpTunnel {
@@ -71,15 +83,48 @@ impl UdpTunnel {
             recv,
             queue_tx,
             wtx.clone(),
-            conn.clone(),
-            qsid,
+            conn.routes.dropped.clone(),
+            Some((conn.clone(), qsid)),
             ended.clone(),
         ));
         UdpTunnel {
             response,
-            conn,
-            qsid,
-            quic_datagrams,
+            h3: Some(H3Path {
+                conn,
+                qsid,
+                quic_datagrams,
+            }),
+            protocol: "h3",
+            writer: wtx,
+            rx: tokio::sync::Mutex::new(queue_rx),
+            ended,
+            reader,
+        }
+    }
+
+    /// A connect-udp tunnel on the TLS/TCP front-end: capsules both ways on `stream`.
+    pub(crate) fn over_front(stream: FrontStream, response: http::Response<()>) -> Self {
+        let protocol = match &stream {
+            FrontStream::H2(_) => FrontVersion::H2.alpn(),
+            FrontStream::Http11(_) => FrontVersion::Http11.alpn(),
+        };
+        let (recv, send) = stream.split();
+        let (queue_tx, queue_rx) = mpsc::channel(UDP_QUEUE);
+        let (wtx, wrx) = mpsc::channel(CAPSULE_QUEUE);
+        tokio::spawn(write_pump(send, wrx));
+        let ended = Arc::new(Mutex::new(None));
+        let reader = tokio::spawn(read_capsules(
+            recv,
+            queue_tx,
+            wtx.clone(),
+            Arc::new(AtomicU64::new(0)),
+            None,
+            ended.clone(),
+        ));
+        UdpTunnel {
+            response,
+            h3: None,
+            protocol,
             writer: wtx,
             rx: tokio::sync::Mutex::new(queue_rx),
             ended,
@@ -94,12 +139,17 @@ impl UdpTunnel {
 
     /// True if this tunnel sends QUIC DATAGRAM frames, false if DATAGRAM capsules.
     pub fn uses_quic_datagrams(&self) -> bool {
-        self.quic_datagrams
+        self.h3.as_ref().is_some_and(|h| h.quic_datagrams)
     }
 
-    /// The request stream's quarter stream ID (RFC 9297 §2.1).
-    pub fn quarter_stream_id(&self) -> u64 {
-        self.qsid
+    /// The HTTP version the tunnel travels on: `h3`, `h2` or `http/1.1`.
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    /// The request stream's quarter stream ID (RFC 9297 §2.1); `None` off HTTP/3.
+    pub fn quarter_stream_id(&self) -> Option<u64> {
+        self.h3.as_ref().map(|h| h.qsid)
     }
 
     /// Sends one UDP payload (empty is valid, RFC 9298 §5). In QUIC datagram mode a payload too
@@ -124,15 +174,15 @@ impl UdpTunnel {
         if let Some(e) = self.ended.lock().unwrap().clone() {
             return Err(e.into());
         }
-        if self.quic_datagrams {
-            let frame = datagram::encode_quic_datagram(self.qsid, ctx, data);
-            let fits = self
+        if let Some(h3) = self.h3.as_ref().filter(|h| h.quic_datagrams) {
+            let frame = datagram::encode_quic_datagram(h3.qsid, ctx, data);
+            let fits = h3
                 .conn
                 .quic
                 .max_datagram_size()
                 .is_some_and(|max| frame.len() <= max);
             if fits {
-                return match self.conn.quic.send_datagram_wait(frame).await {
+                return match h3.conn.quic.send_datagram_wait(frame).await {
                     Ok(()) => Ok(()),
                     Err(quinn::SendDatagramError::ConnectionLost(e)) => {
                         Err(ClientError::Connect(e.to_string()))
@@ -180,49 +230,113 @@ impl From<Ended> for ClientError {
 
 impl Drop for UdpTunnel {
     fn drop(&mut self) {
-        self.conn.routes.remove(self.qsid);
+        if let Some(h3) = &self.h3 {
+            h3.conn.routes.remove(h3.qsid);
+        }
         self.reader.abort();
         // Dropping `writer` lets the write pump finish the stream once the reader's clone is
         // gone too (the reader task is aborted above).
     }
 }
 
-async fn write_pump(mut send: SendHalf, mut rx: mpsc::Receiver<WriteCmd>) {
+/// The receive side of a request stream that carries capsules.
+trait CapsuleRecv: Send + 'static {
+    /// The next bytes of the stream; `None` at its clean end.
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+    /// Stops receiving after the relay sent a malformed capsule.
+    fn stop(&mut self);
+}
+
+/// The send side of a request stream that carries capsules.
+trait CapsuleSend: Send + 'static {
+    fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), ()>> + Send;
+    /// Aborts the stream after the relay sent a malformed capsule.
+    fn abort(&mut self);
+    /// Our end of the stream (FIN / END_STREAM).
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl CapsuleRecv for RecvHalf {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        match self.recv_data().await {
+            Ok(Some(mut chunk)) => Ok(Some(chunk.copy_to_bytes(chunk.remaining()))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(stream_error(e).to_string()),
+        }
+    }
+    fn stop(&mut self) {
+        self.stop_sending(Code::H3_DATAGRAM_ERROR);
+    }
+}
+
+impl CapsuleSend for SendHalf {
+    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
+        self.send_data(data).await.map_err(|_| ())
+    }
+    fn abort(&mut self) {
+        self.stop_stream(Code::H3_DATAGRAM_ERROR);
+    }
+    async fn finish(&mut self) {
+        let _ = h3::client::RequestStream::finish(self).await;
+    }
+}
+
+impl CapsuleRecv for FrontRecv {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        match self.read_buf(&mut buf).await {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(buf.freeze())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn stop(&mut self) {}
+}
+
+impl CapsuleSend for FrontSend {
+    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
+        self.write_all(&data).await.map_err(|_| ())?;
+        self.flush().await.map_err(|_| ())
+    }
+    fn abort(&mut self) {
+        FrontSend::abort(self);
+    }
+    async fn finish(&mut self) {
+        let _ = self.shutdown().await;
+    }
+}
+
+async fn write_pump(mut send: impl CapsuleSend, mut rx: mpsc::Receiver<WriteCmd>) {
     while let Some(cmd) = rx.recv().await {
         match cmd {
             WriteCmd::Data(b) => {
-                if send.send_data(b).await.is_err() {
+                if send.send(b).await.is_err() {
                     return;
                 }
             }
-            WriteCmd::Reset(code) => {
-                send.stop_stream(code);
+            WriteCmd::Abort => {
+                send.abort();
                 return;
             }
         }
     }
     // All handles gone: the tunnel was closed or dropped.
-    let _ = send.finish().await;
+    send.finish().await;
 }
 
 async fn read_capsules(
-    mut recv: RecvHalf,
+    mut recv: impl CapsuleRecv,
     queue: mpsc::Sender<Bytes>,
     writer: mpsc::Sender<WriteCmd>,
-    conn: Arc<Conn>,
-    qsid: u64,
+    dropped: Arc<AtomicU64>,
+    route: Option<(Arc<Conn>, u64)>,
     ended: Arc<Mutex<Option<Ended>>>,
 ) {
     let mut decoder = CapsuleDecoder::new(MAX_CAPSULE_VALUE);
     let outcome = 'outer: loop {
-        match recv.recv_data().await {
-            Ok(Some(mut chunk)) => {
-                while chunk.has_remaining() {
-                    let part = chunk.chunk();
-                    let n = part.len();
-                    decoder.push(part);
-                    chunk.advance(n);
-                }
+        match recv.next_chunk().await {
+            Ok(Some(chunk)) => {
+                decoder.push(&chunk);
                 loop {
                     match decoder.next_capsule() {
                         Ok(Some(Capsule::Datagram {
@@ -230,9 +344,7 @@ async fn read_capsules(
                             data,
                         })) => {
                             if queue.try_send(data).is_err() {
-                                conn.routes
-                                    .dropped
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                dropped.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         // RFC 9298 §4: unknown context IDs are dropped; RFC 9297 §3.2: unknown
@@ -250,15 +362,18 @@ async fn read_capsules(
                     Err(e) => Ended::Protocol(e.to_string()),
                 };
             }
-            Err(e) => break Ended::Error(stream_error(e).to_string()),
+            Err(e) => break Ended::Error(e),
         }
     };
     if let Ended::Protocol(_) = outcome {
-        // RFC 9297 §3.3: a malformed capsule aborts the stream with H3_DATAGRAM_ERROR.
-        recv.stop_sending(Code::H3_DATAGRAM_ERROR);
-        let _ = writer.try_send(WriteCmd::Reset(Code::H3_DATAGRAM_ERROR));
+        // RFC 9297 §3.3: a malformed capsule aborts the stream (H3_DATAGRAM_ERROR on HTTP/3,
+        // a stream error on HTTP/2, the connection on HTTP/1.1).
+        recv.stop();
+        let _ = writer.try_send(WriteCmd::Abort);
     }
     *ended.lock().unwrap() = Some(outcome);
     // Dropping the dispatcher's sender and ours closes the queue: `recv` drains, then ends.
-    conn.routes.remove(qsid);
+    if let Some((conn, qsid)) = route {
+        conn.routes.remove(qsid);
+    }
 }
