@@ -44,18 +44,27 @@ pub struct Relay {
     tcp: Option<TcpFront>,
     tcp_addr: Option<SocketAddr>,
     ctx: FrontCtx,
+    /// Cancelled once the drain has begun: no listener accepts new connections any more.
+    draining: CancellationToken,
 }
 
 /// Lets another task stop a relay.
 #[derive(Clone, Debug)]
 pub struct RelayHandle {
     shutdown: CancellationToken,
+    draining: CancellationToken,
 }
 
 impl RelayHandle {
     /// Starts the graceful drain (what SIGTERM does).
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Resolves once the drain has begun: the listeners take no new connections (an event for
+    /// tests and supervisors to wait on instead of the clock).
+    pub async fn draining(&self) {
+        self.draining.cancelled().await
     }
 }
 
@@ -129,6 +138,7 @@ impl Relay {
             local_addr,
             tcp,
             tcp_addr,
+            draining: CancellationToken::new(),
         })
     }
 
@@ -144,6 +154,7 @@ impl Relay {
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
             shutdown: self.ctx.shutdown.clone(),
+            draining: self.draining.clone(),
         }
     }
 
@@ -159,6 +170,7 @@ impl Relay {
             endpoint,
             tcp,
             ctx,
+            draining,
             ..
         } = self;
         // Each accept loop returns when the drain starts; the TCP listener closes with its loop.
@@ -176,6 +188,7 @@ impl Relay {
             "draining: GOAWAY sent, waiting for open tunnels"
         );
         endpoint.set_server_config(None);
+        draining.cancel();
         tasks.close();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!("drain grace period over; closing remaining tunnels");
