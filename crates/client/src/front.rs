@@ -9,7 +9,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use cfr_proto::Target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{rustls_config_with_cert, RelayUrl};
 use crate::{ClientConfig, ClientError, TcpTunnel, UdpTunnel};
@@ -238,7 +238,8 @@ pub fn h2_reason(e: &io::Error) -> Option<h2::Reason> {
 pub struct H2Connection {
     send: h2::client::SendRequest<Bytes>,
     ping: tokio::sync::Mutex<Option<h2::PingPong>>,
-    dead: Arc<AtomicBool>,
+    /// Cancelled when the connection task ended.
+    closed: CancellationToken,
     /// The relay's `host:port` for connect-udp's `:authority` (RFC 9298 §3.4).
     authority: String,
 }
@@ -259,18 +260,18 @@ impl H2Connection {
             .await
             .map_err(h2_io)?;
         let ping = conn.ping_pong();
-        let dead = Arc::new(AtomicBool::new(false));
-        let flag = dead.clone();
+        let closed = CancellationToken::new();
+        let on_close = closed.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "HTTP/2 connection to the relay ended");
             }
-            flag.store(true, Ordering::Release);
+            on_close.cancel();
         });
         let c = H2Connection {
             send,
             ping: tokio::sync::Mutex::new(ping),
-            dead,
+            closed,
             authority: authority.to_owned(),
         };
         c.ping().await?;
@@ -279,7 +280,12 @@ impl H2Connection {
 
     /// False once the connection is closed (GOAWAY, idle timeout, error).
     pub fn is_alive(&self) -> bool {
-        !self.dead.load(Ordering::Acquire)
+        !self.closed.is_cancelled()
+    }
+
+    /// Resolves when the connection is closed.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
     }
 
     /// Whether the relay sent SETTINGS_ENABLE_CONNECT_PROTOCOL = 1 (RFC 8441 §3).

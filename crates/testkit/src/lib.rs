@@ -4,5 +4,4 @@ pub mod browser;
 pub mod netns;
 pub mod origins;
 pub mod relay;
-pub mod tcp_client;
 pub mod tunnels;

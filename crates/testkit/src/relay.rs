@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cfr_client::{ClientConfig, RelayClient, Trust};
+use cfr_client::{ClientConfig, FrontClient, FrontVersion, RelayClient, Trust};
 use cfr_relay::config::RelayConfig;
 use cfr_relay::{HostsThenSystem, Relay, RelayHandle, Resolver};
 use tokio::task::JoinHandle;
@@ -111,6 +111,27 @@ impl TestRelay {
         let mut c = ClientConfig::new(self.url(), Trust::CaFile(self.ca_pem.clone()));
         c.token = Some(self.token.clone());
         c
+    }
+
+    /// Client settings for the TLS/TCP front-end (`https://localhost:TCP_PORT`), trusting the dev
+    /// CA and carrying the test token.
+    pub fn front_config(&self) -> ClientConfig {
+        let tcp = self
+            .tcp_addr
+            .expect("the relay's TLS/TCP front-end is enabled");
+        let mut c = ClientConfig::new(
+            format!("https://localhost:{}", tcp.port()),
+            Trust::CaFile(self.ca_pem.clone()),
+        );
+        c.token = Some(self.token.clone());
+        c
+    }
+
+    /// A client of the TLS/TCP front-end that offers only `version` by ALPN.
+    pub async fn front_client(&self, version: FrontVersion) -> FrontClient {
+        FrontClient::connect_offering(&self.front_config(), &[version])
+            .await
+            .unwrap_or_else(|e| panic!("{version} client connects to the test relay: {e}"))
     }
 
     /// A connected client.

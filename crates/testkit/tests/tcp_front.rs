@@ -5,15 +5,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cfr_client::front::{self, h2_reason, FrontRequest, FrontStream};
+use cfr_client::{FrontClient, FrontVersion};
 use cfr_relay::config::RelayConfig;
 use cfr_testkit::browser::{chromium_dump_dom, curl, run_group};
 use cfr_testkit::origins::{pattern_bytes, HttpsOrigin, TcpEcho, UdpEcho, ROOT_BODY};
-use cfr_testkit::relay::TestRelay;
-use cfr_testkit::tcp_client::{h2_reason, Ask, Front, FrontClient, Tunnel};
-use cfr_testkit::tunnels::{lo, LIMIT};
-use tokio::io::AsyncReadExt;
+use cfr_testkit::relay::{target, TestRelay};
+use cfr_testkit::tunnels::{lo, udp_echo, LIMIT};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-const FRONTS: [Front; 2] = [Front::H1, Front::H2];
+const FRONTS: [FrontVersion; 2] = [FrontVersion::Http11, FrontVersion::H2];
 
 /// A test relay whose resolver also knows `localhost` (the name the HTTPS origin's certificate
 /// and the external clients use).
@@ -31,10 +32,34 @@ fn tcp_addr(relay: &TestRelay) -> SocketAddr {
     relay.tcp_addr.expect("the TCP front-end is on by default")
 }
 
-async fn client(relay: &TestRelay, front: Front) -> FrontClient {
-    FrontClient::connect(front, tcp_addr(relay), &relay.ca_pem)
+async fn client(relay: &TestRelay, front: FrontVersion) -> FrontClient {
+    relay.front_client(front).await
+}
+
+/// Sends `req` and returns the tunnel; a refusal is an error naming the status.
+async fn open(
+    c: &FrontClient,
+    req: &FrontRequest,
+    token: Option<&str>,
+) -> Result<FrontStream, String> {
+    let (head, tunnel) = c.request(req, token).await.map_err(|e| e.to_string())?;
+    tunnel.ok_or_else(|| {
+        format!(
+            "{} {req:?}: refused with {} ({:?})",
+            c.version(),
+            head.status,
+            head.headers.get("proxy-status")
+        )
+    })
+}
+
+/// Everything until a clean end of stream, within [`LIMIT`].
+async fn read_all(t: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    tokio::time::timeout(LIMIT, t.read_to_end(&mut all))
         .await
-        .unwrap_or_else(|e| panic!("{front:?} client connects to the relay: {e}"))
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel did not end"))??;
+    Ok(all)
 }
 
 fn header<'a>(head: &'a http::response::Parts, name: &str) -> &'a str {
@@ -65,9 +90,9 @@ async fn tcp_tunnel_is_byte_exact_with_half_close_on_both_fronts() {
     let relay = relay_with(|_| {}).await;
     for front in FRONTS {
         let c = client(&relay, front).await;
-        let before = relay.core().requests_seen(front.label());
+        let before = relay.core().requests_seen(front.alpn());
         let (head, tunnel) = c
-            .request(&Ask::tcp(echo.addr()), Some(&relay.token))
+            .request(&FrontRequest::tcp(&target(echo.addr())), Some(&relay.token))
             .await
             .unwrap();
         assert_eq!(head.status, 200, "{front:?} CONNECT");
@@ -78,10 +103,10 @@ async fn tcp_tunnel_is_byte_exact_with_half_close_on_both_fronts() {
         );
         let mut tunnel = tunnel.unwrap();
         let data = pattern_bytes(7, 0, 200_000);
-        tunnel.write(&data).await.unwrap();
+        tunnel.write_all(&data).await.unwrap();
         // Our FIN reaches the destination; its echo of everything must still come back.
-        tunnel.finish().await.unwrap();
-        let back = tunnel.read_to_end(LIMIT).await.unwrap();
+        tunnel.shutdown().await.unwrap();
+        let back = read_all(&mut tunnel).await.unwrap();
         assert!(
             back == data,
             "{front:?}: echo of {} bytes differs ({} back)",
@@ -89,30 +114,10 @@ async fn tcp_tunnel_is_byte_exact_with_half_close_on_both_fronts() {
             back.len()
         );
         assert_eq!(
-            relay.core().requests_seen(front.label()),
+            relay.core().requests_seen(front.alpn()),
             before + 1,
             "{front:?}: the request was counted under protocol={}",
-            front.label()
-        );
-    }
-}
-
-async fn udp_echo_roundtrip(front: Front, tunnel: Tunnel, payloads: &[Vec<u8>]) {
-    let mut t = tunnel.into_capsules();
-    for p in payloads {
-        let mut got = None;
-        for _ in 0..5 {
-            t.send(p).await.unwrap();
-            if let Ok(r) = tokio::time::timeout(Duration::from_secs(2), t.recv()).await {
-                got = Some(r.unwrap());
-                break;
-            }
-        }
-        assert_eq!(
-            got.as_deref(),
-            Some(&p[..]),
-            "{front:?}: UDP echo of a {}-byte payload in DATAGRAM capsules",
-            p.len()
+            front.alpn()
         );
     }
 }
@@ -123,21 +128,33 @@ async fn udp_tunnel_echoes_capsules_on_both_fronts() {
     let relay = relay_with(|_| {}).await;
     for front in FRONTS {
         let c = client(&relay, front).await;
-        let (head, tunnel) = c
-            .request(&Ask::udp(echo.addr()), Some(&relay.token))
+        let tunnel = tokio::time::timeout(LIMIT, c.connect_udp(&target(echo.addr())))
             .await
-            .unwrap();
+            .expect("answer within the limit")
+            .unwrap_or_else(|e| panic!("{front}: connect-udp opens: {e}"));
+        assert!(!tunnel.uses_quic_datagrams());
+        assert_eq!(tunnel.protocol(), front.alpn());
+        let head = tunnel.response();
+        let header = |name: &str| {
+            head.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
         match front {
             // RFC 9298 §3.3: 101 + Upgrade: connect-udp.
-            Front::H1 => {
-                assert_eq!(head.status, 101);
-                assert!(header(&head, "upgrade").eq_ignore_ascii_case("connect-udp"));
+            FrontVersion::Http11 => {
+                assert_eq!(head.status(), 101);
+                assert!(header("upgrade").eq_ignore_ascii_case("connect-udp"));
             }
-            Front::H2 => assert_eq!(head.status, 200),
+            FrontVersion::H2 => assert_eq!(head.status(), 200),
         }
-        assert_eq!(header(&head, "capsule-protocol"), "?1", "{front:?}");
-        let payloads = [b"cap".to_vec(), vec![], vec![0x5a; 1200], vec![1; 9000]];
-        udp_echo_roundtrip(front, tunnel.expect("tunnel opens"), &payloads).await;
+        assert_eq!(header("capsule-protocol"), "?1", "{front:?}");
+        // Over TLS/TCP every payload travels in a DATAGRAM capsule (RFC 9297 §3.5).
+        for p in [b"cap".to_vec(), vec![], vec![0x5a; 1200], vec![1; 9000]] {
+            udp_echo(&tunnel, &p, 5, Duration::from_secs(2)).await;
+        }
     }
 }
 
@@ -148,29 +165,36 @@ async fn malformed_capsule_stream_aborts_the_stream_and_h2_connection_survives()
     let relay = relay_with(|_| {}).await;
     for front in FRONTS {
         let c = client(&relay, front).await;
-        let mut t = c
-            .open(&Ask::udp(uecho.addr()), Some(&relay.token))
-            .await
-            .unwrap();
+        let mut t = open(
+            &c,
+            &FrontRequest::udp(&target(uecho.addr())),
+            Some(&relay.token),
+        )
+        .await
+        .unwrap();
         // A DATAGRAM capsule announcing 100 bytes, cut short by the end of the stream.
-        t.write(&[0x00, 0x40, 0x64, 0x00, 1, 2, 3]).await.unwrap();
-        t.finish().await.unwrap();
-        let res = tokio::time::timeout(LIMIT, t.read_to_end(LIMIT))
+        t.write_all(&[0x00, 0x40, 0x64, 0x00, 1, 2, 3])
             .await
             .unwrap();
+        t.shutdown().await.unwrap();
+        let res = read_all(&mut t).await;
         let err = res.expect_err("a truncated capsule must abort the stream, not end it cleanly");
-        if front == Front::H2 {
+        assert_ne!(err.kind(), std::io::ErrorKind::TimedOut, "{front}: {err}");
+        if front == FrontVersion::H2 {
             // RFC 9297 §3.3 + RFC 9113 §8.1.1: malformed message → stream error PROTOCOL_ERROR.
             assert_eq!(h2_reason(&err), Some(h2::Reason::PROTOCOL_ERROR), "{err}");
         }
         // The same HTTP/2 connection (a fresh one for HTTP/1.1) carries the next tunnel.
-        let mut t = c
-            .open(&Ask::tcp(echo.addr()), Some(&relay.token))
-            .await
-            .unwrap();
-        t.write(b"after").await.unwrap();
-        t.finish().await.unwrap();
-        assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"after", "{front:?}");
+        let mut t = open(
+            &c,
+            &FrontRequest::tcp(&target(echo.addr())),
+            Some(&relay.token),
+        )
+        .await
+        .unwrap();
+        t.write_all(b"after").await.unwrap();
+        t.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut t).await.unwrap(), b"after", "{front:?}");
     }
 }
 
@@ -191,10 +215,14 @@ async fn target_reset_aborts_the_tunnel_with_connect_error() {
     let relay = relay_with(|_| {}).await;
     for front in FRONTS {
         let c = client(&relay, front).await;
-        let mut t = c.open(&Ask::tcp(addr), Some(&relay.token)).await.unwrap();
-        let res = tokio::time::timeout(LIMIT, t.read()).await.unwrap();
+        let mut t = open(&c, &FrontRequest::tcp(&target(addr)), Some(&relay.token))
+            .await
+            .unwrap();
+        let res = tokio::time::timeout(LIMIT, t.read(&mut [0u8; 64]))
+            .await
+            .unwrap();
         let err = res.expect_err("a destination reset must abort the tunnel, not end it cleanly");
-        if front == Front::H2 {
+        if front == FrontVersion::H2 {
             // RFC 9113 §8.5: RST_STREAM with CONNECT_ERROR.
             assert_eq!(h2_reason(&err), Some(h2::Reason::CONNECT_ERROR), "{err}");
         }
@@ -221,11 +249,13 @@ async fn h2_stream_reset_aborts_the_destination_connection() {
         let _ = tx.send(outcome);
     });
     let relay = relay_with(|_| {}).await;
-    let c = client(&relay, Front::H2).await;
-    let mut t = c.open(&Ask::tcp(addr), Some(&relay.token)).await.unwrap();
-    t.write(b"partial").await.unwrap();
+    let c = client(&relay, FrontVersion::H2).await;
+    let mut t = open(&c, &FrontRequest::tcp(&target(addr)), Some(&relay.token))
+        .await
+        .unwrap();
+    t.write_all(b"partial").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let Tunnel::H2(s) = &mut t else {
+    let FrontStream::H2(s) = &mut t else {
         unreachable!()
     };
     s.reset(h2::Reason::CANCEL);
@@ -248,7 +278,7 @@ enum Token {
 struct Refusal {
     name: &'static str,
     token: Token,
-    ask: Ask,
+    ask: FrontRequest,
     status: u16,
     error: &'static str,
 }
@@ -265,70 +295,70 @@ fn refusals(echo: SocketAddr, uecho: SocketAddr, closed: SocketAddr) -> Vec<Refu
         r(
             "no token, TCP",
             Token::Missing,
-            Ask::tcp(echo),
+            FrontRequest::tcp(&target(echo)),
             407,
             "http_request_denied",
         ),
         r(
             "no token, UDP",
             Token::Missing,
-            Ask::udp(uecho),
+            FrontRequest::udp(&target(uecho)),
             407,
             "http_request_denied",
         ),
         r(
             "wrong token, TCP",
             Token::Wrong,
-            Ask::tcp(echo),
+            FrontRequest::tcp(&target(echo)),
             407,
             "http_request_denied",
         ),
         r(
             "wrong token, UDP",
             Token::Wrong,
-            Ask::udp(uecho),
+            FrontRequest::udp(&target(uecho)),
             407,
             "http_request_denied",
         ),
         r(
             "private destination",
             Token::Valid,
-            Ask::Connect("10.0.0.1:80".into()),
+            FrontRequest::Connect("10.0.0.1:80".into()),
             403,
             "destination_ip_prohibited",
         ),
         r(
             "link-local UDP destination",
             Token::Valid,
-            Ask::ConnectUdp("/.well-known/masque/udp/169.254.169.254/53/".into()),
+            FrontRequest::ConnectUdp("/.well-known/masque/udp/169.254.169.254/53/".into()),
             403,
             "destination_ip_prohibited",
         ),
         r(
             "malformed authority",
             Token::Valid,
-            Ask::Connect("localhost:0".into()),
+            FrontRequest::Connect("localhost:0".into()),
             400,
             "http_request_error",
         ),
         r(
             "path off the URI template",
             Token::Valid,
-            Ask::ConnectUdp("/not/the/template".into()),
+            FrontRequest::ConnectUdp("/not/the/template".into()),
             400,
             "http_request_error",
         ),
         r(
             "closed port",
             Token::Valid,
-            Ask::tcp(closed),
+            FrontRequest::tcp(&target(closed)),
             502,
             "connection_refused",
         ),
         r(
             "name that does not resolve",
             Token::Valid,
-            Ask::Connect("nope.test:80".into()),
+            FrontRequest::Connect("nope.test:80".into()),
             502,
             "dns_error",
         ),
@@ -341,7 +371,7 @@ async fn assert_refused(c: &FrontClient, relay: &TestRelay, case: &Refusal) {
         Token::Wrong => Some("wrong"),
         Token::Valid => Some(relay.token.as_str()),
     };
-    let who = format!("{:?} {}", c.front, case.name);
+    let who = format!("{:?} {}", c.version(), case.name);
     let (head, tunnel) = c
         .request(&case.ask, token)
         .await
@@ -381,13 +411,16 @@ async fn refusals_match_http3_on_both_fronts() {
             assert_refused(&c, &relay, &case).await;
         }
         // After every refusal the connection (HTTP/2) still opens tunnels.
-        let mut t = c
-            .open(&Ask::tcp(echo.addr()), Some(&relay.token))
-            .await
-            .unwrap();
-        t.write(b"still alive").await.unwrap();
-        t.finish().await.unwrap();
-        assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"still alive");
+        let mut t = open(
+            &c,
+            &FrontRequest::tcp(&target(echo.addr())),
+            Some(&relay.token),
+        )
+        .await
+        .unwrap();
+        t.write_all(b"still alive").await.unwrap();
+        t.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut t).await.unwrap(), b"still alive");
     }
     assert_eq!(
         echo.peers().len(),
@@ -405,19 +438,25 @@ async fn refusals_match_http3_on_both_fronts() {
 async fn h2_tunnels_per_connection_limit_is_503() {
     let echo = TcpEcho::start(lo()).await;
     let relay = relay_with(|c| c.limits.tunnels_per_connection = 2).await;
-    let c = client(&relay, Front::H2).await;
-    let a = c
-        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
-        .await
-        .unwrap();
-    let _b = c
-        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
-        .await
-        .unwrap();
+    let c = client(&relay, FrontVersion::H2).await;
+    let a = open(
+        &c,
+        &FrontRequest::tcp(&target(echo.addr())),
+        Some(&relay.token),
+    )
+    .await
+    .unwrap();
+    let _b = open(
+        &c,
+        &FrontRequest::tcp(&target(echo.addr())),
+        Some(&relay.token),
+    )
+    .await
+    .unwrap();
     let third = Refusal {
         name: "third tunnel on one connection",
         token: Token::Valid,
-        ask: Ask::tcp(echo.addr()),
+        ask: FrontRequest::tcp(&target(echo.addr())),
         status: 503,
         error: "connection_limit_reached",
     };
@@ -425,35 +464,43 @@ async fn h2_tunnels_per_connection_limit_is_503() {
     // A closed tunnel frees its slot.
     drop(a);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut t = c
-        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
-        .await
-        .unwrap();
-    t.write(b"slot freed").await.unwrap();
-    t.finish().await.unwrap();
-    assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"slot freed");
+    let mut t = open(
+        &c,
+        &FrontRequest::tcp(&target(echo.addr())),
+        Some(&relay.token),
+    )
+    .await
+    .unwrap();
+    t.write_all(b"slot freed").await.unwrap();
+    t.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut t).await.unwrap(), b"slot freed");
 }
 
 #[tokio::test]
 async fn drain_lets_open_tcp_tunnels_finish_and_refuses_new_connections() {
     let echo = TcpEcho::start(lo()).await;
     let relay = relay_with(|c| c.drain_secs = 10).await;
-    let c = client(&relay, Front::H2).await;
-    let mut t = c
-        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
-        .await
-        .unwrap();
+    let c = client(&relay, FrontVersion::H2).await;
+    let mut t = open(
+        &c,
+        &FrontRequest::tcp(&target(echo.addr())),
+        Some(&relay.token),
+    )
+    .await
+    .unwrap();
     relay.handle().shutdown();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(LIMIT, relay.handle().draining())
+        .await
+        .expect("the drain begins within the limit");
     assert!(
-        cfr_testkit::tcp_client::tls_connect(tcp_addr(&relay), &relay.ca_pem, &[b"h2"])
+        FrontClient::connect_offering(&relay.front_config(), &[FrontVersion::H2])
             .await
             .is_err(),
         "a draining relay accepts no new TCP connections"
     );
-    t.write(b"during drain").await.unwrap();
-    t.finish().await.unwrap();
-    assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"during drain");
+    t.write_all(b"during drain").await.unwrap();
+    t.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut t).await.unwrap(), b"during drain");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -563,21 +610,36 @@ async fn headless_chromium_loads_a_page_through_the_relay() {
 async fn idle_h2_connection_is_closed_after_connection_idle_secs() {
     let echo = TcpEcho::start(lo()).await;
     let relay = relay_with(|c| c.timeouts.connection_idle_secs = 1).await;
-    let c = client(&relay, Front::H2).await;
-    // A tunnel that lasts longer than the idle timeout keeps the connection open.
-    let mut t = c
-        .open(&Ask::tcp(echo.addr()), Some(&relay.token))
+    let cfg = relay.front_config();
+    let tls = front::tls_config(&cfg, &[FrontVersion::H2]).unwrap();
+    let stream = front::tls_connect(tcp_addr(&relay), "localhost", tls)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1800)).await;
-    t.write(b"busy").await.unwrap();
-    t.finish().await.unwrap();
-    assert_eq!(t.read_to_end(LIMIT).await.unwrap(), b"busy");
-    // Then nothing for longer than the timeout: GOAWAY, no new streams.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let res = c.request(&Ask::tcp(echo.addr()), Some(&relay.token)).await;
+    let conn = front::H2Connection::handshake(stream, "localhost")
+        .await
+        .unwrap();
+    let (_, t) = conn
+        .request(&FrontRequest::tcp(&target(echo.addr())), Some(&relay.token))
+        .await
+        .unwrap();
+    let mut t = t.expect("tunnel opens");
+    // A tunnel that lasts longer than the idle timeout keeps the connection open.
     assert!(
-        res.is_err(),
-        "an idle HTTP/2 connection must be closed after connection_idle_secs"
+        tokio::time::timeout(Duration::from_millis(1800), conn.closed())
+            .await
+            .is_err(),
+        "a connection with an open tunnel must not be closed as idle"
     );
+    t.write_all(b"busy").await.unwrap();
+    t.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut t).await.unwrap(), b"busy");
+    drop(t);
+    // Then nothing: the relay closes the connection (GOAWAY) after the idle timeout.
+    tokio::time::timeout(LIMIT, conn.closed())
+        .await
+        .expect("an idle HTTP/2 connection must be closed after connection_idle_secs");
+    let res = conn
+        .request(&FrontRequest::tcp(&target(echo.addr())), Some(&relay.token))
+        .await;
+    assert!(res.is_err(), "a closed connection opens no new streams");
 }
