@@ -14,6 +14,7 @@ use crate::report::{percentile, Row};
 use crate::setup::rate;
 use crate::tcp::timed_bulk;
 use crate::Plan;
+use cfr_client::FrontVersion;
 
 pub const SECTION: &str = "peer";
 
@@ -125,7 +126,7 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
             return;
         }
     };
-    let tls = front::tls_config(&env.pki.ca_cert, &[b"http/1.1"]);
+    let tls = front::tls_config(&env.pki.ca_cert, &[FrontVersion::Http11]);
 
     // cfr's own TLS/TCP front-end on the same setup work.
     let name = rate_name("cfr TLS/TCP h1");

@@ -10,6 +10,7 @@ use crate::env::{self, bulk_client, Dir, Env};
 use crate::front;
 use crate::report::Row;
 use crate::Plan;
+use cfr_client::FrontVersion;
 
 pub const SECTION: &str = "tcp bulk";
 
@@ -79,8 +80,8 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
         Err(e) => Err(e.clone()),
     };
     let client = env.client().await;
-    let front_tls = front::tls_config(&env.pki.ca_cert, &[b"http/1.1"]);
-    let front_tls_h2 = front::tls_config(&env.pki.ca_cert, &[b"h2"]);
+    let front_tls = front::tls_config(&env.pki.ca_cert, &[FrontVersion::Http11]);
+    let front_tls_h2 = front::tls_config(&env.pki.ca_cert, &[FrontVersion::H2]);
     let bytes = plan.bytes;
 
     for dir in [Dir::Up, Dir::Down] {
@@ -172,8 +173,7 @@ async fn front_row(
             let tls = tls.clone();
             async move {
                 let s = front::tls_connect(front, tls).await?;
-                let (t, driver) = front::h2_connect(s, origin, Some(env::TOKEN)).await?;
-                Ok(DriverGuard { io: t, driver })
+                front::h2_connect(s, origin, Some(env::TOKEN)).await
             }
         })
         .await
@@ -189,48 +189,4 @@ async fn front_row(
         .await
     };
     Row::from_result(SECTION, name, "Gbit/s", r)
-}
-
-/// An HTTP/2 tunnel and its connection driver, aborted together.
-pub struct DriverGuard<T> {
-    pub io: T,
-    pub driver: tokio::task::JoinHandle<()>,
-}
-
-impl<T> Drop for DriverGuard<T> {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for DriverGuard<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for DriverGuard<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
