@@ -10,8 +10,8 @@ use cfr_client::select::{Policy, RelaySet};
 use cfr_client::{ClientConfig, DatagramMode, TunnelOpener};
 use cfr_testkit::browser::{curl, origin_bind, resolve_localhost_to_origin_ip};
 use cfr_testkit::origins::{HttpsOrigin, TcpEcho, UdpEcho, ROOT_BODY};
-use cfr_testkit::relay::{named, TestRelay, ORIGIN_NAME};
-use cfr_testkit::tunnels::{lo, LIMIT};
+use cfr_testkit::relay::{named, target, TestRelay, ORIGIN_NAME};
+use cfr_testkit::tunnels::{lo, udp_echo, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
@@ -726,4 +726,63 @@ async fn http_proxy_answers_garbage_with_4xx_and_keeps_serving() {
     assert_eq!(got, expect);
     echo_roundtrip(&mut s, b"more").await;
     proxies.assert_running();
+}
+
+#[tokio::test]
+async fn relay_set_falls_back_to_tls_tcp_for_tcp_and_udp_tunnels_when_udp_is_blackholed() {
+    let echo = TcpEcho::start(lo()).await;
+    let uecho = UdpEcho::start(lo()).await;
+    // The TLS/TCP front-end on a port of its own; UDP to that port number vanishes into a socket
+    // nobody reads (no ICMP error), as on a network that drops UDP.
+    let relay = TestRelay::start_with(|c| c.listen_tcp = Some(lo())).await;
+    let tcp_port = relay.tcp_addr.expect("TCP front-end").port();
+    assert_ne!(tcp_port, relay.addr.port());
+    let _blackhole = std::net::UdpSocket::bind(("127.0.0.1", tcp_port)).unwrap();
+    let mut cfg = relay.front_config();
+    cfg.connect_timeout = Duration::from_secs(1);
+
+    // HTTP/3 only: nothing answers.
+    let mut h3_only = cfg.clone();
+    h3_only.transport = cfr_client::TransportMode::H3;
+    assert!(
+        RelaySet::connect(vec![h3_only], Policy::Ordered).await.is_err(),
+        "without the fallback the relay is unreachable"
+    );
+
+    let set = RelaySet::connect(vec![cfg], Policy::Ordered)
+        .await
+        .expect("the default transport falls back to TLS/TCP");
+    assert_eq!(set.status()[0].protocol, Some("h2"), "HTTP/2 by ALPN");
+
+    let mut t = tokio::time::timeout(LIMIT, set.connect_tcp(&target(echo.addr())))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.protocol(), "h2");
+    t.write_all(b"over the fallback").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(LIMIT, t.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"over the fallback");
+
+    let u = tokio::time::timeout(LIMIT, set.connect_udp(&target(uecho.addr())))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(u.protocol(), "h2");
+    assert!(!u.uses_quic_datagrams(), "capsules on the TLS/TCP front-end");
+    for p in [b"dgram".to_vec(), vec![], vec![7; 1200]] {
+        udp_echo(&u, &p, 5, Duration::from_secs(2)).await;
+    }
+    assert_eq!(
+        (
+            relay.core().requests_seen("h2"),
+            relay.core().requests_seen("h3")
+        ),
+        (2, 0),
+        "both tunnels went over HTTP/2"
+    );
 }
