@@ -420,6 +420,14 @@ impl RelayClient {
         }
     }
 
+    /// Resolves once the current connection (if any) is closed, by either side.
+    pub async fn closed(&self) {
+        let current = self.inner.current.lock().await.clone();
+        if let Some(c) = current {
+            c.quic.closed().await;
+        }
+    }
+
     /// Number of received QUIC datagrams dropped on the current connection (unknown stream or
     /// context, or a full tunnel queue).
     pub async fn dropped_datagrams(&self) -> u64 {

@@ -1,7 +1,9 @@
 //! The client against a tiny in-process HTTP/3 echo "relay" on loopback (the real relay is tested
 //! from crates/testkit). The mock answers every CONNECT with 200 and echoes the request body
-//! byte-for-byte (so capsules come back as capsules) and echoes QUIC datagrams unchanged.
+//! byte-for-byte (so capsules come back as capsules) and echoes QUIC datagrams unchanged; it
+//! counts what arrived in which encoding, so tests observe the wire format, not the client's flag.
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +16,17 @@ struct Mock {
     addr: SocketAddr,
     cert_der: Vec<u8>,
     conns: Arc<Mutex<Vec<quinn::Connection>>>,
+    seen: Arc<Seen>,
     _endpoint: quinn::Endpoint,
+}
+
+/// What the mock received for connect-udp tunnels.
+#[derive(Default)]
+struct Seen {
+    /// QUIC DATAGRAM frames.
+    quic_datagrams: AtomicU64,
+    /// Request-stream bytes of extended CONNECT (connect-udp) requests, i.e. capsules.
+    capsule_bytes: AtomicU64,
 }
 
 fn mock(datagrams: bool) -> Mock {
@@ -40,15 +52,18 @@ fn mock(datagrams: bool) -> Mock {
         quinn::Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let conns = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(Seen::default());
     let ep = endpoint.clone();
     let list = conns.clone();
+    let counters = seen.clone();
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             let list = list.clone();
+            let seen = counters.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
                 list.lock().unwrap().push(conn.clone());
-                serve_conn(conn, datagrams).await;
+                serve_conn(conn, datagrams, seen).await;
             });
         }
     });
@@ -56,11 +71,12 @@ fn mock(datagrams: bool) -> Mock {
         addr,
         cert_der,
         conns,
+        seen,
         _endpoint: endpoint,
     }
 }
 
-async fn serve_conn(conn: quinn::Connection, datagrams: bool) {
+async fn serve_conn(conn: quinn::Connection, datagrams: bool, seen: Arc<Seen>) {
     let Ok(mut h3) = h3::server::builder()
         .enable_extended_connect(true)
         .enable_datagram(datagrams)
@@ -71,13 +87,16 @@ async fn serve_conn(conn: quinn::Connection, datagrams: bool) {
     };
     if datagrams {
         let c = conn.clone();
+        let seen = seen.clone();
         tokio::spawn(async move {
             while let Ok(d) = c.read_datagram().await {
+                seen.quic_datagrams.fetch_add(1, Ordering::Relaxed);
                 let _ = c.send_datagram(d);
             }
         });
     }
     while let Ok(Some(resolver)) = h3.accept().await {
+        let seen = seen.clone();
         tokio::spawn(async move {
             let Ok((req, mut stream)) = resolver.resolve_request().await else {
                 return;
@@ -98,20 +117,26 @@ async fn serve_conn(conn: quinn::Connection, datagrams: bool) {
                 return;
             }
             let mut resp = http::Response::builder().status(200);
-            if req.extensions().get::<h3::ext::Protocol>().is_some() {
+            let connect_udp = req.extensions().get::<h3::ext::Protocol>().is_some();
+            if connect_udp {
                 resp = resp.header("capsule-protocol", "?1");
             }
             if stream.send_response(resp.body(()).unwrap()).await.is_err() {
                 return;
             }
             if authority == "reset.example:443" {
-                // A reset discards unread stream data, headers included: let them arrive first.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // A reset discards unread stream data, headers included: reset only once the
+                // client's first bytes show it has read the response.
+                let _ = stream.recv_data().await;
                 stream.stop_stream(h3::error::Code::H3_CONNECT_ERROR);
                 return;
             }
             while let Ok(Some(mut d)) = stream.recv_data().await {
                 let b = d.copy_to_bytes(d.remaining());
+                if connect_udp {
+                    seen.capsule_bytes
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
                 if stream.send_data(b).await.is_err() {
                     return;
                 }
@@ -180,6 +205,7 @@ async fn tcp_tunnel_relay_reset_is_connection_reset() {
         .connect_tcp(&target("reset.example", 443))
         .await
         .unwrap();
+    t.write_all(b"x").await.unwrap();
     let mut buf = [0u8; 16];
     let err = t
         .read(&mut buf)
@@ -201,7 +227,9 @@ async fn refused_tunnel_carries_status_and_proxy_status() {
     }
 }
 
-async fn udp_echo(client: &RelayClient, expect_quic: bool) {
+/// Echoes through a connect-udp tunnel and checks, at the mock, which encoding carried the
+/// small payloads: QUIC DATAGRAM frames when `expect_quic`, otherwise DATAGRAM capsules only.
+async fn udp_echo(m: &Mock, client: &RelayClient, expect_quic: bool) {
     let t = client
         .connect_udp(&target("dns.example", 53))
         .await
@@ -217,6 +245,21 @@ async fn udp_echo(client: &RelayClient, expect_quic: bool) {
         0,
         "empty UDP payload is a datagram"
     );
+    // The echoes came back, so the mock has received all three small datagrams.
+    let quic = m.seen.quic_datagrams.load(Ordering::Relaxed);
+    let capsule_bytes = m.seen.capsule_bytes.load(Ordering::Relaxed);
+    // Each DATAGRAM capsule here is type (1) + length (1) + context ID (1) + payload.
+    let small_as_capsules = (3 + 4) + (3 + 7) + 3;
+    if expect_quic {
+        assert_eq!(quic, 3, "the three small payloads travel as QUIC datagrams");
+        assert_eq!(capsule_bytes, 0, "no capsule on the stream");
+    } else {
+        assert_eq!(quic, 0, "no QUIC datagram in capsule mode");
+        assert_eq!(
+            capsule_bytes, small_as_capsules,
+            "the three small payloads travel as DATAGRAM capsules"
+        );
+    }
     // Too large for one QUIC datagram: falls back to a capsule and still arrives.
     let big = vec![1u8; 3000];
     t.send(&big).await.unwrap();
@@ -225,20 +268,20 @@ async fn udp_echo(client: &RelayClient, expect_quic: bool) {
 
 #[tokio::test]
 async fn udp_tunnel_uses_quic_datagrams_when_negotiated() {
-    let (_m, client) = connected(mock(true), DatagramMode::Auto).await;
-    udp_echo(&client, true).await;
+    let (m, client) = connected(mock(true), DatagramMode::Auto).await;
+    udp_echo(&m, &client, true).await;
 }
 
 #[tokio::test]
 async fn udp_tunnel_capsule_mode_sends_capsules() {
-    let (_m, client) = connected(mock(true), DatagramMode::Capsules).await;
-    udp_echo(&client, false).await;
+    let (m, client) = connected(mock(true), DatagramMode::Capsules).await;
+    udp_echo(&m, &client, false).await;
 }
 
 #[tokio::test]
 async fn udp_tunnel_falls_back_to_capsules_without_relay_datagrams() {
-    let (_m, client) = connected(mock(false), DatagramMode::Auto).await;
-    udp_echo(&client, false).await;
+    let (m, client) = connected(mock(false), DatagramMode::Auto).await;
+    udp_echo(&m, &client, false).await;
 }
 
 #[tokio::test]
@@ -253,7 +296,9 @@ async fn new_tunnel_reconnects_after_relay_closed_connection() {
     for c in m.conns.lock().unwrap().drain(..) {
         c.close(0u32.into(), b"bye");
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(10), client.closed())
+        .await
+        .expect("the client sees the relay's CONNECTION_CLOSE");
     let mut t = client
         .connect_tcp(&target("echo.example", 443))
         .await

@@ -745,7 +745,9 @@ async fn relay_set_falls_back_to_tls_tcp_for_tcp_and_udp_tunnels_when_udp_is_bla
     let mut h3_only = cfg.clone();
     h3_only.transport = cfr_client::TransportMode::H3;
     assert!(
-        RelaySet::connect(vec![h3_only], Policy::Ordered).await.is_err(),
+        RelaySet::connect(vec![h3_only], Policy::Ordered)
+            .await
+            .is_err(),
         "without the fallback the relay is unreachable"
     );
 
@@ -773,7 +775,10 @@ async fn relay_set_falls_back_to_tls_tcp_for_tcp_and_udp_tunnels_when_udp_is_bla
         .unwrap()
         .unwrap();
     assert_eq!(u.protocol(), "h2");
-    assert!(!u.uses_quic_datagrams(), "capsules on the TLS/TCP front-end");
+    assert!(
+        !u.uses_quic_datagrams(),
+        "capsules on the TLS/TCP front-end"
+    );
     for p in [b"dgram".to_vec(), vec![], vec![7; 1200]] {
         udp_echo(&u, &p, 5, Duration::from_secs(2)).await;
     }
