@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use cfr_client::{ClientConfig, ClientError, DatagramMode, RelayClient, Trust};
 use cfr_proto::Target;
+use cfr_testkit::json_string as js;
+use cfr_testkit::origins::pattern_bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -91,36 +93,8 @@ fn parse_args() -> Result<Opts, String> {
     })
 }
 
-/// JSON string literal.
-fn js(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn target(s: &str) -> Result<Target, String> {
     cfr_proto::target::parse_authority(s).map_err(|e| format!("target {s}: {e:?}"))
-}
-
-/// Deterministic test bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 async fn bounded<T>(
@@ -166,7 +140,7 @@ async fn udp_echo(o: &Opts) -> Result<String, String> {
     let mut resent = 0;
     for &size in &sizes {
         for n in 0..count {
-            let payload = pattern(size, (size * 1000 + n) as u64);
+            let payload = pattern_bytes((size * 1000 + n) as u64, 0, size);
             let mut got = false;
             for attempt in 0..4 {
                 if attempt > 0 {
@@ -213,7 +187,7 @@ async fn udp_echo(o: &Opts) -> Result<String, String> {
 async fn tcp_echo(o: &Opts) -> Result<String, String> {
     let t = target(o.req("target")?)?;
     let len: usize = o.num("bytes", 1 << 20)?;
-    let data = pattern(len, 3);
+    let data = pattern_bytes(3, 0, len);
     let want = hex::encode(Sha256::digest(&data));
     let client = connect(o, DatagramMode::Auto).await?;
     let tunnel = bounded(o.timeout, "CONNECT", client.connect_tcp(&t)).await?;
@@ -289,7 +263,7 @@ async fn parallel(o: &Opts) -> Result<String, String> {
         let t = t.clone();
         let limit = o.timeout * 3;
         tasks.spawn(async move {
-            let data = pattern(per, 1000 + i as u64);
+            let data = pattern_bytes(1000 + i as u64, 0, per);
             let run = async {
                 let mut tunnel = client.connect_tcp(&t).await.map_err(|e| e.to_string())?;
                 tunnel.write_all(&data).await.map_err(|e| e.to_string())?;

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use cfr_testkit::json_string as js;
 use cfr_testkit::origins::{
     client_hello_extensions, dev_pki, hex_sha256, pattern_sha256, H3Origin, HttpsOrigin,
     RecordingTcp, SeenRequest, TcpEcho, TlsSink, UdpEcho, BYTES_ROUTE_SEED,
@@ -93,23 +94,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(a)
-}
-
-/// JSON string literal (the values here are addresses, paths and hex: escaping `"` and `\` and
-/// control characters is enough).
-fn js(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn addrs(v: &[SocketAddr]) -> String {

@@ -624,6 +624,113 @@ pub struct Recording {
     pub closed: bool,
 }
 
+/// How a TCP peer ended a connection, as the destination saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerEnd {
+    /// A clean close (FIN).
+    Fin,
+    /// An abort (RST).
+    Reset,
+    /// Another read error.
+    Error,
+    /// Nothing for [`IDLE_LIMIT`].
+    Silent,
+}
+
+/// A destination that accepts one TCP connection, records the bytes it receives and reports how
+/// the peer ended the connection: FIN or RST (the one RST-detecting listener of the tests).
+pub struct TcpEndWatch {
+    addr: SocketAddr,
+    received: tokio::sync::watch::Receiver<Vec<u8>>,
+    end: tokio::sync::oneshot::Receiver<PeerEnd>,
+    _task: Owned,
+}
+
+impl TcpEndWatch {
+    pub async fn start(bind: SocketAddr) -> TcpEndWatch {
+        let listener = bind_tcp("TcpEndWatch", bind).await;
+        let addr = listener.local_addr().unwrap();
+        let (bytes_tx, received) = tokio::sync::watch::channel(Vec::new());
+        let (end_tx, end) = tokio::sync::oneshot::channel();
+        let task = Owned(tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let outcome = loop {
+                match tokio::time::timeout(IDLE_LIMIT, s.read(&mut buf)).await {
+                    Ok(Ok(0)) => break PeerEnd::Fin,
+                    Ok(Ok(n)) => bytes_tx.send_modify(|b| b.extend_from_slice(&buf[..n])),
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                        break PeerEnd::Reset
+                    }
+                    Ok(Err(_)) => break PeerEnd::Error,
+                    Err(_) => break PeerEnd::Silent,
+                }
+            };
+            let _ = end_tx.send(outcome);
+        }));
+        TcpEndWatch {
+            addr,
+            received,
+            end,
+            _task: task,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits (at most `limit`) until at least `len` bytes arrived; returns what arrived.
+    pub async fn received_at_least(&self, len: usize, limit: Duration) -> Vec<u8> {
+        let mut rx = self.received.clone();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|b| b.len() >= len)).await;
+        let got = self.received.borrow().clone();
+        assert!(
+            got.len() >= len,
+            "expected {len} bytes at the destination within {limit:?}, got {}",
+            got.len()
+        );
+        got
+    }
+
+    /// How the connection ended (at most `limit`), and every byte received.
+    pub async fn end(self, limit: Duration) -> (PeerEnd, Vec<u8>) {
+        let end = tokio::time::timeout(limit, self.end)
+            .await
+            .expect("the destination connection ends within the limit")
+            .expect("the destination accepted a connection");
+        let bytes = self.received.borrow().clone();
+        (end, bytes)
+    }
+}
+
+/// A destination that resets (RST) every connection as soon as its first bytes arrive — after
+/// the relay has answered the CONNECT, since the client sends only after the 2xx.
+pub struct ResettingTcp {
+    addr: SocketAddr,
+    _task: Owned,
+}
+
+impl ResettingTcp {
+    pub async fn start(bind: SocketAddr) -> ResettingTcp {
+        let listener = bind_tcp("ResettingTcp", bind).await;
+        let addr = listener.local_addr().unwrap();
+        let task = Owned::spawn(accept_loop(listener, |mut stream, _| async move {
+            let mut buf = [0u8; 64];
+            let _ = tokio::time::timeout(IDLE_LIMIT, stream.read(&mut buf)).await;
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            drop(stream);
+        }));
+        ResettingTcp { addr, _task: task }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 /// Raw TCP server recording every byte received. When the first bytes arrive it writes `reply`
 /// (once), then keeps reading until the client's FIN (or 30 s of silence), then closes.
 pub struct RecordingTcp {

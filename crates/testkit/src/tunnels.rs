@@ -106,6 +106,28 @@ pub async fn refused(client: &RelayClient, t: &Target, udp: bool) -> ClientError
     }
 }
 
+/// Retries `attempt` until it succeeds, within `limit`; panics with the last error. For conditions
+/// a test can only observe by asking again — e.g. a tunnel slot the relay frees asynchronously
+/// after a stream reset — instead of sleeping for a guessed time.
+pub async fn retry_until<T, E, F, Fut>(what: &str, limit: Duration, mut attempt: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "{what}: not yet");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{what}: still failing after {limit:?}: {e}"),
+        }
+    }
+}
+
 /// The HTTP status and the Proxy-Status error of a refusal.
 pub fn status_and_error(e: &ClientError) -> (Option<u16>, Option<ProxyError>) {
     (e.status().map(|s| s.as_u16()), e.proxy_error())

@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use cfr_client::{DatagramMode, RelayClient};
 use cfr_proto::ProxyError;
-use cfr_testkit::origins::{dev_pki, tls_client_roundtrip, TcpEcho, TlsSink, UdpEcho};
+use cfr_testkit::origins::{
+    dev_pki, tls_client_roundtrip, PeerEnd, ResettingTcp, TcpEcho, TcpEndWatch, TlsSink, UdpEcho,
+};
 use cfr_testkit::relay::{named, target, TestRelay, ORIGIN_NAME};
-use cfr_testkit::tunnels::{lo, refused, tcp_roundtrip, udp_roundtrip, LIMIT};
+use cfr_testkit::tunnels::{lo, refused, retry_until, tcp_roundtrip, udp_roundtrip, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -331,19 +333,12 @@ async fn missing_or_wrong_token_is_407_with_no_upstream_activity() {
 
 #[tokio::test]
 async fn target_reset_resets_the_client_stream() {
-    // A destination that accepts and immediately resets.
-    let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        if let Ok((s, _)) = listener.accept().await {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-            drop(s);
-        }
-    });
+    let dest = ResettingTcp::start(lo()).await;
     let relay = TestRelay::start().await;
     let client = relay.client().await;
-    let mut tunnel = client.connect_tcp(&target(addr)).await.unwrap();
+    let mut tunnel = client.connect_tcp(&target(dest.addr())).await.unwrap();
+    // The destination resets once these bytes arrive, i.e. after the 2xx.
+    tunnel.write_all(b"x").await.unwrap();
     let mut buf = [0u8; 16];
     let res = tokio::time::timeout(LIMIT, tunnel.read(&mut buf))
         .await
@@ -354,35 +349,20 @@ async fn target_reset_resets_the_client_stream() {
 
 #[tokio::test]
 async fn client_reset_aborts_the_destination_connection() {
-    let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 64];
-        let mut total = Vec::new();
-        let outcome = loop {
-            match tokio::time::timeout(LIMIT, s.read(&mut buf)).await {
-                Ok(Ok(0)) => break "fin",
-                Ok(Ok(n)) => total.extend_from_slice(&buf[..n]),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break "rst",
-                Ok(Err(_)) => break "error",
-                Err(_) => break "timeout",
-            }
-        };
-        let _ = tx.send((outcome, total));
-    });
+    let dest = TcpEndWatch::start(lo()).await;
     let relay = TestRelay::start().await;
     let client = relay.client().await;
-    let mut tunnel = client.connect_tcp(&target(addr)).await.unwrap();
+    let mut tunnel = client.connect_tcp(&target(dest.addr())).await.unwrap();
     tunnel.write_all(b"partial").await.unwrap();
     tunnel.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A reset discards data not yet delivered: reset only once the bytes are at the destination.
+    dest.received_at_least(7, LIMIT).await;
     drop(tunnel); // dropped without shutdown: stream reset
-    let (outcome, data) = tokio::time::timeout(LIMIT, rx).await.unwrap().unwrap();
+    let (outcome, data) = dest.end(LIMIT).await;
     assert_eq!(data, b"partial");
     assert_eq!(
-        outcome, "rst",
+        outcome,
+        PeerEnd::Reset,
         "client reset must abort the TCP connection with RST, not FIN"
     );
 }
@@ -403,8 +383,20 @@ async fn tunnel_limits_answer_503_and_free_up() {
     let other = relay.client().await;
     tcp_roundtrip(&other, &target(echo.addr()), b"other client").await;
     drop(a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tcp_roundtrip(&client, &target(echo.addr()), b"slot freed").await;
+    // The relay frees the slot when it processes the reset: ask until it has.
+    let echo_target = target(echo.addr());
+    let mut t = retry_until("a freed tunnel slot", LIMIT, || {
+        client.connect_tcp(&echo_target)
+    })
+    .await;
+    t.write_all(b"slot freed").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(LIMIT, t.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"slot freed");
 }
 
 #[tokio::test]

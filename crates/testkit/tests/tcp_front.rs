@@ -9,9 +9,11 @@ use cfr_client::front::{self, h2_reason, FrontRequest, FrontStream};
 use cfr_client::{FrontClient, FrontVersion};
 use cfr_relay::config::RelayConfig;
 use cfr_testkit::browser::{chromium_dump_dom, curl, run_group};
-use cfr_testkit::origins::{pattern_bytes, HttpsOrigin, TcpEcho, UdpEcho, ROOT_BODY};
+use cfr_testkit::origins::{
+    pattern_bytes, HttpsOrigin, PeerEnd, ResettingTcp, TcpEcho, TcpEndWatch, UdpEcho, ROOT_BODY,
+};
 use cfr_testkit::relay::{target, TestRelay};
-use cfr_testkit::tunnels::{lo, udp_echo, LIMIT};
+use cfr_testkit::tunnels::{lo, retry_until, udp_echo, LIMIT};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 const FRONTS: [FrontVersion; 2] = [FrontVersion::Http11, FrontVersion::H2];
@@ -200,24 +202,19 @@ async fn malformed_capsule_stream_aborts_the_stream_and_h2_connection_survives()
 
 #[tokio::test]
 async fn target_reset_aborts_the_tunnel_with_connect_error() {
-    let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        // A destination that accepts and resets, twice (one per front-end).
-        for _ in 0..2 {
-            if let Ok((s, _)) = listener.accept().await {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                drop(s);
-            }
-        }
-    });
+    let dest = ResettingTcp::start(lo()).await;
     let relay = relay_with(|_| {}).await;
     for front in FRONTS {
         let c = client(&relay, front).await;
-        let mut t = open(&c, &FrontRequest::tcp(&target(addr)), Some(&relay.token))
-            .await
-            .unwrap();
+        let mut t = open(
+            &c,
+            &FrontRequest::tcp(&target(dest.addr())),
+            Some(&relay.token),
+        )
+        .await
+        .unwrap();
+        // The destination resets once these bytes arrive, i.e. after the 2xx.
+        t.write_all(b"x").await.unwrap();
         let res = tokio::time::timeout(LIMIT, t.read(&mut [0u8; 64]))
             .await
             .unwrap();
@@ -231,37 +228,27 @@ async fn target_reset_aborts_the_tunnel_with_connect_error() {
 
 #[tokio::test]
 async fn h2_stream_reset_aborts_the_destination_connection() {
-    let listener = tokio::net::TcpListener::bind(lo()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 64];
-        let outcome = loop {
-            match tokio::time::timeout(LIMIT, s.read(&mut buf)).await {
-                Ok(Ok(0)) => break "fin",
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break "rst",
-                Ok(Err(_)) => break "error",
-                Err(_) => break "timeout",
-            }
-        };
-        let _ = tx.send(outcome);
-    });
+    let dest = TcpEndWatch::start(lo()).await;
     let relay = relay_with(|_| {}).await;
     let c = client(&relay, FrontVersion::H2).await;
-    let mut t = open(&c, &FrontRequest::tcp(&target(addr)), Some(&relay.token))
-        .await
-        .unwrap();
+    let mut t = open(
+        &c,
+        &FrontRequest::tcp(&target(dest.addr())),
+        Some(&relay.token),
+    )
+    .await
+    .unwrap();
     t.write_all(b"partial").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A reset discards data not yet delivered: reset only once the bytes are at the destination.
+    dest.received_at_least(7, LIMIT).await;
     let FrontStream::H2(s) = &mut t else {
         unreachable!()
     };
     s.reset(h2::Reason::CANCEL);
-    let outcome = tokio::time::timeout(LIMIT, rx).await.unwrap().unwrap();
+    let (outcome, _) = dest.end(LIMIT).await;
     assert_eq!(
-        outcome, "rst",
+        outcome,
+        PeerEnd::Reset,
         "RST_STREAM from the client must abort the TCP connection with RST"
     );
 }
@@ -461,16 +448,13 @@ async fn h2_tunnels_per_connection_limit_is_503() {
         error: "connection_limit_reached",
     };
     assert_refused(&c, &relay, &third).await;
-    // A closed tunnel frees its slot.
+    // A closed tunnel frees its slot (once the relay processed the reset: ask until then).
     drop(a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut t = open(
-        &c,
-        &FrontRequest::tcp(&target(echo.addr())),
-        Some(&relay.token),
-    )
-    .await
-    .unwrap();
+    let req = FrontRequest::tcp(&target(echo.addr()));
+    let mut t = retry_until("a freed tunnel slot", LIMIT, || {
+        open(&c, &req, Some(&relay.token))
+    })
+    .await;
     t.write_all(b"slot freed").await.unwrap();
     t.shutdown().await.unwrap();
     assert_eq!(read_all(&mut t).await.unwrap(), b"slot freed");
