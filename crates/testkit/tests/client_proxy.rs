@@ -11,7 +11,7 @@ use cfr_client::{ClientConfig, DatagramMode, TunnelOpener};
 use cfr_testkit::browser::{curl, origin_bind, resolve_localhost_to_origin_ip};
 use cfr_testkit::origins::{HttpsOrigin, TcpEcho, UdpEcho, ROOT_BODY};
 use cfr_testkit::relay::{named, target, TestRelay, ORIGIN_NAME};
-use cfr_testkit::tunnels::{lo, udp_echo, LIMIT};
+use cfr_testkit::tunnels::{lo, retry_until, udp_echo, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
@@ -522,20 +522,13 @@ async fn relay_set_started_while_relay_is_down_serves_tunnels_once_it_is_up() {
         c.key = key.clone();
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match set
-            .connect_tcp(&cfr_testkit::relay::target(echo.addr()))
-            .await
-        {
-            Ok(_) => break,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "not yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("the relay came up but tunnels still fail: {e}"),
-        }
-    }
+    let echo_target = target(echo.addr());
+    retry_until(
+        "tunnels once the relay came up",
+        Duration::from_secs(10),
+        || set.connect_tcp(&echo_target),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
