@@ -784,3 +784,75 @@ async fn relay_set_falls_back_to_tls_tcp_for_tcp_and_udp_tunnels_when_udp_is_bla
         "both tunnels went over HTTP/2"
     );
 }
+
+/// A UDP relay for one client on `port`: drops everything until `open` is set, then forwards
+/// datagrams to `to` and the answers back (so the path "stops blocking UDP" mid-test).
+async fn udp_gate(port: u16, to: SocketAddr, open: Arc<AtomicBool>) -> JoinHandle<()> {
+    let front = UdpSocket::bind(("127.0.0.1", port)).await.unwrap();
+    let back = UdpSocket::bind(lo()).await.unwrap();
+    back.connect(to).await.unwrap();
+    tokio::spawn(async move {
+        let mut client = None;
+        let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut a) => {
+                    let Ok((n, from)) = r else { return };
+                    if open.load(Ordering::Relaxed) {
+                        client = Some(from);
+                        let _ = back.send(&a[..n]).await;
+                    }
+                }
+                r = back.recv(&mut b) => {
+                    let Ok(n) = r else { return };
+                    if let Some(c) = client {
+                        let _ = front.send_to(&b[..n], c).await;
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_set_returns_to_http3_in_the_background_once_udp_gets_through() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.listen_tcp = Some(lo())).await;
+    let tcp_port = relay.tcp_addr.expect("TCP front-end").port();
+    assert_ne!(tcp_port, relay.addr.port());
+    let open = Arc::new(AtomicBool::new(false));
+    let gate = udp_gate(tcp_port, relay.addr, open.clone()).await;
+    let mut cfg = relay.front_config();
+    cfg.connect_timeout = Duration::from_secs(1);
+    let set = RelaySet::connect(vec![cfg], Policy::Ordered).await.unwrap();
+    assert_eq!(set.status()[0].protocol, Some("h2"), "UDP blocked: TLS/TCP");
+
+    // A tunnel opened on the fallback stays there; new ones move to HTTP/3 once it works.
+    let mut on_h2 = set.connect_tcp(&target(echo.addr())).await.unwrap();
+    assert_eq!(on_h2.protocol(), "h2");
+    open.store(true, Ordering::Relaxed);
+    let h3_limit = cfr_client::select::H3_RETRY_MIN + LIMIT;
+    let t = retry_until("new tunnels on HTTP/3", h3_limit, || async {
+        let t = set
+            .connect_tcp(&target(echo.addr()))
+            .await
+            .map_err(|e| e.to_string())?;
+        match t.protocol() {
+            "h3" => Ok(t),
+            other => Err(format!("still on {other}")),
+        }
+    })
+    .await;
+    assert_eq!(set.status()[0].protocol, Some("h3"));
+    drop(t);
+    assert!(relay.core().requests_seen("h3") >= 1);
+    on_h2.write_all(b"still on h2").await.unwrap();
+    on_h2.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(LIMIT, on_h2.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"still on h2", "the open tunnel never moved");
+    gate.abort();
+}
