@@ -18,6 +18,7 @@ use cfr_proto::Target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{rustls_config_with_cert, RelayUrl};
@@ -522,11 +523,55 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-/// An open tunnel on either HTTP version: the TLS connection itself on HTTP/1.1, a stream of
-/// the shared connection on HTTP/2.
-pub enum FrontStream {
-    Http11(Box<TlsStream<TcpStream>>),
-    H2(H2Stream),
+/// An open tunnel on either HTTP version: the TLS connection itself on HTTP/1.1 (shutdown sends
+/// close_notify + FIN), a stream of the shared connection on HTTP/2 (shutdown sends END_STREAM).
+pub struct FrontStream {
+    io: Either<TlsBox, H2Stream>,
+}
+
+type TlsBox = Box<TlsStream<TcpStream>>;
+
+/// The receive half of a [`FrontStream`].
+pub(crate) type FrontRecv = Either<tokio::io::ReadHalf<TlsBox>, H2Recv>;
+/// The send half of a [`FrontStream`].
+pub(crate) type FrontSend = Either<tokio::io::WriteHalf<TlsBox>, H2Send>;
+
+impl FrontStream {
+    /// The HTTP version the tunnel travels on.
+    pub fn version(&self) -> FrontVersion {
+        match self.io {
+            Either::Left(_) => FrontVersion::Http11,
+            Either::Right(_) => FrontVersion::H2,
+        }
+    }
+
+    /// The HTTP/2 stream, to reset it by hand (tests).
+    pub fn as_h2_mut(&mut self) -> Option<&mut H2Stream> {
+        match &mut self.io {
+            Either::Left(_) => None,
+            Either::Right(s) => Some(s),
+        }
+    }
+
+    /// The two directions, for a reader task and a writer task.
+    pub(crate) fn split(self) -> (FrontRecv, FrontSend) {
+        match self.io {
+            Either::Left(s) => {
+                let (r, w) = tokio::io::split(s);
+                (Either::Left(r), Either::Left(w))
+            }
+            Either::Right(s) => (Either::Right(s.recv), Either::Right(s.send)),
+        }
+    }
+}
+
+/// Aborts a tunnel after the relay broke the protocol: RST_STREAM PROTOCOL_ERROR on HTTP/2
+/// (RFC 9113 §8.1.1: a malformed message is a stream error); on HTTP/1.1 the connection closes
+/// once both halves are dropped.
+pub(crate) fn abort(send: &mut FrontSend) {
+    if let Either::Right(s) = send {
+        s.reset(h2::Reason::PROTOCOL_ERROR);
+    }
 }
 
 impl AsyncRead for FrontStream {
@@ -535,10 +580,7 @@ impl AsyncRead for FrontStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontStream::Http11(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            FrontStream::H2(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -548,101 +590,15 @@ impl AsyncWrite for FrontStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            FrontStream::Http11(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            FrontStream::H2(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontStream::Http11(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            FrontStream::H2(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    /// HTTP/1.1: TLS close_notify + TCP FIN; HTTP/2: END_STREAM.
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontStream::Http11(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            FrontStream::H2(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl FrontStream {
-    /// The two directions, for a reader task and a writer task.
-    pub(crate) fn split(self) -> (FrontRecv, FrontSend) {
-        match self {
-            FrontStream::Http11(s) => {
-                let (r, w) = tokio::io::split(s);
-                (FrontRecv::Http11(r), FrontSend::Http11(w))
-            }
-            FrontStream::H2(s) => (FrontRecv::H2(s.recv), FrontSend::H2(s.send)),
-        }
-    }
-}
-
-type TlsBox = Box<TlsStream<TcpStream>>;
-
-pub(crate) enum FrontRecv {
-    Http11(tokio::io::ReadHalf<TlsBox>),
-    H2(H2Recv),
-}
-
-pub(crate) enum FrontSend {
-    Http11(tokio::io::WriteHalf<TlsBox>),
-    H2(H2Send),
-}
-
-impl FrontSend {
-    /// Aborts the tunnel after the relay broke the protocol: RST_STREAM PROTOCOL_ERROR on HTTP/2
-    /// (RFC 9113 §8.1.1: a malformed message is a stream error); on HTTP/1.1 the connection closes
-    /// once both halves are dropped.
-    pub(crate) fn abort(&mut self) {
-        if let FrontSend::H2(s) = self {
-            s.reset(h2::Reason::PROTOCOL_ERROR);
-        }
-    }
-}
-
-impl AsyncRead for FrontRecv {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontRecv::Http11(s) => Pin::new(s).poll_read(cx, buf),
-            FrontRecv::H2(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for FrontSend {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            FrontSend::Http11(s) => Pin::new(s).poll_write(cx, buf),
-            FrontSend::H2(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontSend::Http11(s) => Pin::new(s).poll_flush(cx),
-            FrontSend::H2(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontSend::Http11(s) => Pin::new(s).poll_shutdown(cx),
-            FrontSend::H2(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -716,12 +672,7 @@ impl FrontClient {
         }
         let h2 = match version {
             FrontVersion::H2 => Some(Arc::new(
-                bounded(cfg.connect_timeout, async {
-                    H2Connection::handshake(stream, &url.authority)
-                        .await
-                        .map_err(|e| ClientError::Http(format!("HTTP/2 handshake: {e}")))
-                })
-                .await?,
+                bounded(cfg.connect_timeout, h2_handshake(stream, &url)).await?,
             )),
             // Every HTTP/1.1 tunnel takes a connection of its own; this one only proved the way.
             FrontVersion::Http11 => None,
@@ -774,9 +725,7 @@ impl FrontClient {
                 return Err(ClientError::Http("relay no longer offers h2".into()));
             }
             *self.inner.remote.lock().unwrap() = addr;
-            H2Connection::handshake(stream, &self.inner.url.authority)
-                .await
-                .map_err(|e| ClientError::Http(format!("HTTP/2 handshake: {e}")))
+            h2_handshake(stream, &self.inner.url).await
         })
         .await?;
         let c = Arc::new(c);
@@ -801,7 +750,12 @@ impl FrontClient {
                         ClientError::Io(e)
                     }
                 })?;
-                Ok((head, stream.map(FrontStream::H2)))
+                Ok((
+                    head,
+                    stream.map(|s| FrontStream {
+                        io: Either::Right(s),
+                    }),
+                ))
             }
             FrontVersion::Http11 => {
                 let limit = self.inner.connect_timeout;
@@ -815,7 +769,8 @@ impl FrontClient {
                 .await
                 .map_err(|_| ClientError::Timeout)??;
                 let opened = req.opened(FrontVersion::Http11, head.status);
-                Ok((head, opened.then(|| FrontStream::Http11(Box::new(stream)))))
+                let io = Either::Left(Box::new(stream));
+                Ok((head, opened.then_some(FrontStream { io })))
             }
         }
     }
@@ -867,6 +822,15 @@ impl FrontClient {
             }
         }
     }
+}
+
+async fn h2_handshake(
+    stream: TlsStream<TcpStream>,
+    url: &RelayUrl,
+) -> Result<H2Connection, ClientError> {
+    H2Connection::handshake(stream, &url.authority)
+        .await
+        .map_err(|e| ClientError::Http(format!("HTTP/2 handshake: {e}")))
 }
 
 /// Resolves the relay's host and opens TLS to the first address that answers.

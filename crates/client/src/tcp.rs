@@ -12,7 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::PollSender;
 
 use crate::client::H3Stream;
-use crate::front::{FrontStream, FrontVersion};
+use crate::front::FrontStream;
+use tokio_util::either::Either;
 
 type SendHalf = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type RecvHalf = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
@@ -32,15 +33,7 @@ const WRITE_QUEUE: usize = 8;
 ///   HTTP/2), so the relay aborts the TCP connection (RFC 9114 §4.4, RFC 9113 §8.5).
 pub struct TcpTunnel {
     response: http::Response<()>,
-    io: TunnelIo,
-}
-
-// The HTTP/3 variant is the common one; boxing it would cost an indirection on every read and
-// write.
-#[allow(clippy::large_enum_variant)]
-enum TunnelIo {
-    H3(H3TcpStream),
-    Front(FrontStream),
+    io: Either<H3TcpStream, FrontStream>,
 }
 
 /// The DATA frames of an HTTP/3 CONNECT stream as a byte stream.
@@ -68,14 +61,14 @@ impl TcpTunnel {
     ) -> Self {
         TcpTunnel {
             response,
-            io: TunnelIo::H3(H3TcpStream::new(stream, conn)),
+            io: Either::Left(H3TcpStream::new(stream, conn)),
         }
     }
 
     pub(crate) fn over_front(stream: FrontStream, response: http::Response<()>) -> Self {
         TcpTunnel {
             response,
-            io: TunnelIo::Front(stream),
+            io: Either::Right(stream),
         }
     }
 
@@ -87,9 +80,8 @@ impl TcpTunnel {
     /// The HTTP version the tunnel travels on: `h3`, `h2` or `http/1.1`.
     pub fn protocol(&self) -> &'static str {
         match &self.io {
-            TunnelIo::H3(_) => "h3",
-            TunnelIo::Front(FrontStream::H2(_)) => FrontVersion::H2.alpn(),
-            TunnelIo::Front(FrontStream::Http11(_)) => FrontVersion::Http11.alpn(),
+            Either::Left(_) => "h3",
+            Either::Right(s) => s.version().alpn(),
         }
     }
 }
@@ -282,10 +274,7 @@ impl AsyncRead for TcpTunnel {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            TunnelIo::H3(s) => Pin::new(s).poll_read(cx, buf),
-            TunnelIo::Front(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -295,23 +284,14 @@ impl AsyncWrite for TcpTunnel {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            TunnelIo::H3(s) => Pin::new(s).poll_write(cx, buf),
-            TunnelIo::Front(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            TunnelIo::H3(s) => Pin::new(s).poll_flush(cx),
-            TunnelIo::Front(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            TunnelIo::H3(s) => Pin::new(s).poll_shutdown(cx),
-            TunnelIo::Front(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

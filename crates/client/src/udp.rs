@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::client::{stream_error, Conn, H3Stream, UDP_QUEUE};
-use crate::front::{FrontRecv, FrontSend, FrontStream, FrontVersion};
+use crate::front::{FrontRecv, FrontSend, FrontStream};
 use crate::ClientError;
 
 type SendHalf = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
@@ -76,54 +76,54 @@ impl UdpTunnel {
         // headers are dropped, which RFC 9297 §2.1 allows.
         conn.routes.insert(qsid, queue_tx.clone());
         let (send, recv) = stream.split();
-        let (wtx, wrx) = mpsc::channel(CAPSULE_QUEUE);
-        tokio::spawn(write_pump(send, wrx));
-        let ended = Arc::new(Mutex::new(None));
-        let reader = tokio::spawn(read_capsules(
-            recv,
-            queue_tx,
-            wtx.clone(),
-            conn.routes.dropped.clone(),
-            Some((conn.clone(), qsid)),
-            ended.clone(),
-        ));
-        UdpTunnel {
+        let dropped = conn.routes.dropped.clone();
+        let h3 = H3Path {
+            conn,
+            qsid,
+            quic_datagrams,
+        };
+        Self::start(
             response,
-            h3: Some(H3Path {
-                conn,
-                qsid,
-                quic_datagrams,
-            }),
-            protocol: "h3",
-            writer: wtx,
-            rx: tokio::sync::Mutex::new(queue_rx),
-            ended,
-            reader,
-        }
+            Some(h3),
+            "h3",
+            (recv, send),
+            (queue_tx, queue_rx),
+            dropped,
+        )
     }
 
     /// A connect-udp tunnel on the TLS/TCP front-end: capsules both ways on `stream`.
     pub(crate) fn over_front(stream: FrontStream, response: http::Response<()>) -> Self {
-        let protocol = match &stream {
-            FrontStream::H2(_) => FrontVersion::H2.alpn(),
-            FrontStream::Http11(_) => FrontVersion::Http11.alpn(),
-        };
-        let (recv, send) = stream.split();
-        let (queue_tx, queue_rx) = mpsc::channel(UDP_QUEUE);
+        let protocol = stream.version().alpn();
+        let queue = mpsc::channel(UDP_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        Self::start(response, None, protocol, stream.split(), queue, dropped)
+    }
+
+    /// Starts the capsule writer and reader tasks of a request stream.
+    fn start(
+        response: http::Response<()>,
+        h3: Option<H3Path>,
+        protocol: &'static str,
+        (recv, send): (impl CapsuleRecv, impl CapsuleSend),
+        (queue_tx, queue_rx): (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
+        dropped: Arc<AtomicU64>,
+    ) -> Self {
         let (wtx, wrx) = mpsc::channel(CAPSULE_QUEUE);
         tokio::spawn(write_pump(send, wrx));
         let ended = Arc::new(Mutex::new(None));
+        let route = h3.as_ref().map(|h| (h.conn.clone(), h.qsid));
         let reader = tokio::spawn(read_capsules(
             recv,
             queue_tx,
             wtx.clone(),
-            Arc::new(AtomicU64::new(0)),
-            None,
+            dropped,
+            route,
             ended.clone(),
         ));
         UdpTunnel {
             response,
-            h3: None,
+            h3,
             protocol,
             writer: wtx,
             rx: tokio::sync::Mutex::new(queue_rx),
@@ -299,7 +299,7 @@ impl CapsuleSend for FrontSend {
         self.flush().await.map_err(|_| ())
     }
     fn abort(&mut self) {
-        FrontSend::abort(self);
+        crate::front::abort(self);
     }
     async fn finish(&mut self) {
         let _ = self.shutdown().await;

@@ -241,10 +241,9 @@ async fn h2_stream_reset_aborts_the_destination_connection() {
     t.write_all(b"partial").await.unwrap();
     // A reset discards data not yet delivered: reset only once the bytes are at the destination.
     dest.received_at_least(7, LIMIT).await;
-    let FrontStream::H2(s) = &mut t else {
-        unreachable!()
-    };
-    s.reset(h2::Reason::CANCEL);
+    t.as_h2_mut()
+        .expect("an HTTP/2 tunnel")
+        .reset(h2::Reason::CANCEL);
     let (outcome, _) = dest.end(LIMIT).await;
     assert_eq!(
         outcome,
