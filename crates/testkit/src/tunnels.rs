@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use cfr_client::{ClientError, RelayClient, UdpTunnel};
 use cfr_proto::{ProxyError, Target};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The bound on any single step of a test (a tunnel opening, an echo coming back).
 pub const LIMIT: Duration = Duration::from_secs(20);
@@ -23,6 +23,12 @@ pub async fn tcp_roundtrip(client: &RelayClient, t: &Target, msg: &[u8]) {
         .await
         .expect("tunnel answer within the limit")
         .unwrap_or_else(|e| panic!("tunnel to {t} should open, got {e}"));
+    assert_echo(&mut tunnel, msg).await;
+}
+
+/// Through an open tunnel to a TCP echo (any transport): sends `msg`, half-closes, and asserts
+/// the echo returns exactly `msg` and then ends, within [`LIMIT`].
+pub async fn assert_echo<S: AsyncRead + AsyncWrite + Unpin>(tunnel: &mut S, msg: &[u8]) {
     tunnel.write_all(msg).await.unwrap();
     tunnel.shutdown().await.unwrap();
     let mut back = Vec::new();

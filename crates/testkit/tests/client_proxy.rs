@@ -11,7 +11,7 @@ use cfr_client::{ClientConfig, DatagramMode, TunnelOpener};
 use cfr_testkit::browser::{curl, origin_bind, resolve_localhost_to_origin_ip};
 use cfr_testkit::origins::{HttpsOrigin, TcpEcho, UdpEcho, ROOT_BODY};
 use cfr_testkit::relay::{named, target, TestRelay, ORIGIN_NAME};
-use cfr_testkit::tunnels::{lo, retry_until, udp_echo, LIMIT};
+use cfr_testkit::tunnels::{assert_echo, lo, retry_until, udp_echo, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
@@ -383,14 +383,7 @@ async fn ordered_policy_fails_over_when_first_relay_stops() {
 
     // The tunnel opened on the survivor keeps working.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    survivor.write_all(b"still here").await.unwrap();
-    survivor.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, survivor.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"still here");
+    assert_echo(&mut survivor, b"still here").await;
 }
 
 /// A UDP forwarder in front of a relay that can be cut: afterwards it swallows every packet both
@@ -754,14 +747,7 @@ async fn relay_set_falls_back_to_tls_tcp_for_tcp_and_udp_tunnels_when_udp_is_bla
         .unwrap()
         .unwrap();
     assert_eq!(t.protocol(), "h2");
-    t.write_all(b"over the fallback").await.unwrap();
-    t.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, t.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"over the fallback");
+    assert_echo(&mut t, b"over the fallback").await;
 
     let u = tokio::time::timeout(LIMIT, set.connect_udp(&target(uecho.addr())))
         .await
@@ -846,13 +832,6 @@ async fn relay_set_returns_to_http3_in_the_background_once_udp_gets_through() {
     assert_eq!(set.status()[0].protocol, Some("h3"));
     drop(t);
     assert!(relay.core().requests_seen("h3") >= 1);
-    on_h2.write_all(b"still on h2").await.unwrap();
-    on_h2.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, on_h2.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"still on h2", "the open tunnel never moved");
+    assert_echo(&mut on_h2, b"still on h2").await;
     gate.abort();
 }

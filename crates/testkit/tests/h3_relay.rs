@@ -8,7 +8,9 @@ use cfr_testkit::origins::{
     dev_pki, tls_client_roundtrip, PeerEnd, ResettingTcp, TcpEcho, TcpEndWatch, TlsSink, UdpEcho,
 };
 use cfr_testkit::relay::{named, target, TestRelay, ORIGIN_NAME};
-use cfr_testkit::tunnels::{lo, refused, retry_until, tcp_roundtrip, udp_roundtrip, LIMIT};
+use cfr_testkit::tunnels::{
+    assert_echo, lo, refused, retry_until, tcp_roundtrip, udp_roundtrip, LIMIT,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -389,14 +391,7 @@ async fn tunnel_limits_answer_503_and_free_up() {
         client.connect_tcp(&echo_target)
     })
     .await;
-    t.write_all(b"slot freed").await.unwrap();
-    t.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(LIMIT, t.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"slot freed");
+    assert_echo(&mut t, b"slot freed").await;
 }
 
 #[tokio::test]

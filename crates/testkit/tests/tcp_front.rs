@@ -13,7 +13,7 @@ use cfr_testkit::origins::{
     pattern_bytes, HttpsOrigin, PeerEnd, ResettingTcp, TcpEcho, TcpEndWatch, UdpEcho, ROOT_BODY,
 };
 use cfr_testkit::relay::{target, TestRelay};
-use cfr_testkit::tunnels::{lo, retry_until, udp_echo, LIMIT};
+use cfr_testkit::tunnels::{assert_echo, lo, retry_until, udp_echo, LIMIT};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 const FRONTS: [FrontVersion; 2] = [FrontVersion::Http11, FrontVersion::H2];
@@ -194,9 +194,7 @@ async fn malformed_capsule_stream_aborts_the_stream_and_h2_connection_survives()
         )
         .await
         .unwrap();
-        t.write_all(b"after").await.unwrap();
-        t.shutdown().await.unwrap();
-        assert_eq!(read_all(&mut t).await.unwrap(), b"after", "{front:?}");
+        assert_echo(&mut t, b"after").await;
     }
 }
 
@@ -404,9 +402,7 @@ async fn refusals_match_http3_on_both_fronts() {
         )
         .await
         .unwrap();
-        t.write_all(b"still alive").await.unwrap();
-        t.shutdown().await.unwrap();
-        assert_eq!(read_all(&mut t).await.unwrap(), b"still alive");
+        assert_echo(&mut t, b"still alive").await;
     }
     assert_eq!(
         echo.peers().len(),
@@ -454,9 +450,7 @@ async fn h2_tunnels_per_connection_limit_is_503() {
         open(&c, &req, Some(&relay.token))
     })
     .await;
-    t.write_all(b"slot freed").await.unwrap();
-    t.shutdown().await.unwrap();
-    assert_eq!(read_all(&mut t).await.unwrap(), b"slot freed");
+    assert_echo(&mut t, b"slot freed").await;
 }
 
 #[tokio::test]
@@ -481,9 +475,7 @@ async fn drain_lets_open_tcp_tunnels_finish_and_refuses_new_connections() {
             .is_err(),
         "a draining relay accepts no new TCP connections"
     );
-    t.write_all(b"during drain").await.unwrap();
-    t.shutdown().await.unwrap();
-    assert_eq!(read_all(&mut t).await.unwrap(), b"during drain");
+    assert_echo(&mut t, b"during drain").await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,9 +605,7 @@ async fn idle_h2_connection_is_closed_after_connection_idle_secs() {
             .is_err(),
         "a connection with an open tunnel must not be closed as idle"
     );
-    t.write_all(b"busy").await.unwrap();
-    t.shutdown().await.unwrap();
-    assert_eq!(read_all(&mut t).await.unwrap(), b"busy");
+    assert_echo(&mut t, b"busy").await;
     drop(t);
     // Then nothing: the relay closes the connection (GOAWAY) after the idle timeout.
     tokio::time::timeout(LIMIT, conn.closed())
