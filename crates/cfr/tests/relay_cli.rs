@@ -102,6 +102,28 @@ impl RelayProc {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits (at most `limit`) until the relay's stderr satisfies `done`; returns it. The file is
+    /// re-read every 20 ms: a bounded wait on the log, not a guessed sleep.
+    async fn wait_for_stderr(
+        &self,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.stderr();
+            if done(&log) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {what} on the relay's stderr within {limit:?}; stderr:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))
@@ -398,7 +420,10 @@ async fn sigterm_drain_loses_no_byte_of_open_tcp_tunnel() {
     }
     relay.signal("TERM");
     let sigterm_at = Instant::now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The relay logs the drain once it stopped accepting (no new connection gets accepted after).
+    relay
+        .wait_for_stderr("the drain", LIMIT, |log| log.contains("draining"))
+        .await;
 
     // Draining: no new connections, no new tunnels (GOAWAY on the open connection).
     let fresh = RelayClient::connect(relay.client_config()).await;
@@ -496,7 +521,12 @@ async fn json_logs_never_link_a_client_address_to_a_destination_or_name_an_egres
     client.close();
     anonymous.close();
     drop((client, anonymous));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every tunnel has logged its closing line (with bytes_up) before the relay stops.
+    relay
+        .wait_for_stderr("three closed-tunnel lines", LIMIT, |log| {
+            log.lines().filter(|l| l.contains("bytes_up")).count() >= 3
+        })
+        .await;
     relay.signal("TERM");
     assert!(relay.wait_exit(LIMIT).await.success());
 
