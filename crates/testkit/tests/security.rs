@@ -15,7 +15,9 @@ use cfr_relay::tunnel::RelayCounters;
 use cfr_relay::HostsThenSystem;
 use cfr_testkit::origins::{TcpEcho, UdpEcho};
 use cfr_testkit::relay::{named, target, test_config, TestRelay, ORIGIN_NAME};
-use cfr_testkit::tunnels::{lo, refused, status_and_error, tcp_roundtrip, udp_echo_within, LIMIT};
+use cfr_testkit::tunnels::{
+    lo, refused, retry_until, status_and_error, tcp_roundtrip, udp_echo_within, LIMIT,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn count(c: &AtomicU64) -> u64 {
@@ -489,17 +491,20 @@ async fn total_tunnel_limit_answers_503_across_connections_and_frees_up() {
         );
     }
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match a.connect_tcp(&target(echo.addr())).await {
-            Ok(_) => break,
-            Err(e) if Instant::now() < deadline => {
+    let echo_target = target(echo.addr());
+    retry_until(
+        "a freed tunnel slot must be reusable",
+        Duration::from_secs(5),
+        || async {
+            let r = a.connect_tcp(&echo_target).await;
+            // Until the slot is free the answer is the limit's 503, nothing else.
+            if let Err(e) = &r {
                 assert_eq!(e.status().map(|s| s.as_u16()), Some(503), "{e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => panic!("a freed tunnel slot must be reusable within 5 s: {e}"),
-        }
-    }
+            r
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -518,17 +523,12 @@ async fn connections_per_client_refuses_the_extra_connection_and_the_first_keeps
     tcp_roundtrip(&first, &target(echo.addr()), b"first still works").await;
     first.close();
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let third = loop {
-        match RelayClient::connect(cfg.clone()).await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "slot not free yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("after the first connection closed a new one must be accepted: {e}"),
-        }
-    };
+    let third = retry_until(
+        "after the first connection closed a new one must be accepted",
+        Duration::from_secs(10),
+        || RelayClient::connect(cfg.clone()),
+    )
+    .await;
     tcp_roundtrip(&third, &target(echo.addr()), b"after the first closed").await;
 }
 
@@ -621,14 +621,17 @@ async fn udp_flood_towards_a_slow_client_drops_and_counts_without_stalling_other
         udp_echo_within(&other, &[i; 100], Duration::from_secs(3)).await;
     }
     let drops = &relay.core().counters.datagram_drops;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while count(drops) == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        count(drops) > 0,
-        "a flood towards a client that does not read must be dropped and counted"
-    );
+    retry_until(
+        "a flood towards a client that does not read must be dropped and counted",
+        Duration::from_secs(15),
+        || async {
+            match count(drops) {
+                0 => Err("no drop counted yet"),
+                n => Ok(n),
+            }
+        },
+    )
+    .await;
     udp_echo_within(&other, b"after the flood", Duration::from_secs(3)).await;
     flood.abort();
     drop(raw);
