@@ -26,8 +26,6 @@ use crate::{ClientConfig, ClientError, TcpTunnel, UdpTunnel};
 
 /// How long to wait for the relay's response head (as over HTTP/3: only catches a silent relay).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest response head we read on HTTP/1.1.
-const MAX_HEAD: usize = 16 * 1024;
 /// HTTP/2 flow-control windows: large enough that a tunnel is limited by TCP, not by HTTP/2
 /// (the relay's own are the same).
 const H2_STREAM_WINDOW: u32 = 4 << 20;
@@ -188,7 +186,7 @@ pub async fn h1_request<S: AsyncRead + AsyncWrite + Unpin>(
             ));
         }
         buf.push(byte[0]);
-        if buf.len() > MAX_HEAD {
+        if buf.len() > cfr_proto::http1::MAX_HEAD_LEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "response head too long",
@@ -198,19 +196,15 @@ pub async fn h1_request<S: AsyncRead + AsyncWrite + Unpin>(
     parse_response_head(&buf)
 }
 
-/// A complete HTTP/1.1 response head as [`http::response::Parts`].
+/// A complete HTTP/1.1 response head (parsed in the sans-IO proto crate, fuzzed there) as
+/// [`http::response::Parts`].
 fn parse_response_head(buf: &[u8]) -> io::Result<http::response::Parts> {
     let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(bad("incomplete response head".into())),
-        Err(e) => return Err(bad(format!("malformed response head: {e}"))),
-    }
-    let mut builder = http::Response::builder().status(resp.code.unwrap_or(0));
-    for h in resp.headers.iter() {
-        builder = builder.header(h.name, h.value);
+    let (head, _) = cfr_proto::http1::parse_response_head(buf)
+        .map_err(|e| bad(format!("relay response head: {e}")))?;
+    let mut builder = http::Response::builder().status(head.status);
+    for (name, value) in &head.headers {
+        builder = builder.header(name.as_str(), value.as_slice());
     }
     let (parts, ()) = builder
         .body(())

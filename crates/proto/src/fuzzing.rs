@@ -25,6 +25,7 @@ pub const TARGETS: &[(&str, PropertyCheck)] = &[
     ("socks5", crate::socks5::fuzz_socks5),
     ("pvd", crate::pvd::fuzz_pvd),
     ("udp_template", udp_template),
+    ("http1_response_head", crate::http1::fuzz_response_head),
 ];
 
 /// `max_datagram_len` values the capsule target chooses from with its first input byte.

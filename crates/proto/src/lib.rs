@@ -7,6 +7,7 @@
 pub mod capsule;
 pub mod datagram;
 pub mod fuzzing;
+pub mod http1;
 pub mod proxy_status;
 pub mod pvd;
 pub mod socks5;
