@@ -542,12 +542,7 @@ impl RelayClient {
 
     /// Opens a UDP tunnel with CONNECT-UDP (RFC 9298 §3) and waits for the 2xx.
     pub async fn connect_udp(&self, target: &Target) -> Result<UdpTunnel, ClientError> {
-        let path = match &self.inner.cfg.udp_template {
-            // RFC 9298 §3: "the client SHALL perform URI Template expansion to determine the
-            // path and query of its request".
-            Some(template) => template.expand(target),
-            None => cfr_proto::target::connect_udp_path(target),
-        };
+        let path = self.inner.cfg.connect_udp_path(target);
         let relay_authority = self.inner.url.authority.clone();
         let (qtx, qrx) = mpsc::channel(UDP_QUEUE);
         let (conn, stream, resp) = self

@@ -141,6 +141,17 @@ impl ClientConfig {
         }
     }
 
+    /// The connect-udp request path for `target`: the relay's URI template expanded, or the
+    /// RFC 9298 default template.
+    pub fn connect_udp_path(&self, target: &cfr_proto::Target) -> String {
+        match &self.udp_template {
+            // RFC 9298 §3: "the client SHALL perform URI Template expansion to determine the
+            // path and query of its request".
+            Some(template) => template.expand(target),
+            None => cfr_proto::target::connect_udp_path(target),
+        }
+    }
+
     /// Checks everything that can be checked without the network: the relay URL, the trust
     /// anchors and client certificate (files readable, certificates parseable) and the token's
     /// header syntax.

@@ -573,8 +573,7 @@ forward_async_io!(FrontStream => io);
 struct FrontInner {
     url: RelayUrl,
     tls: Arc<rustls::ClientConfig>,
-    token: Option<String>,
-    connect_timeout: Duration,
+    cfg: ClientConfig,
     version: FrontVersion,
     remote: Mutex<SocketAddr>,
     /// The shared HTTP/2 connection, re-established for new tunnels when it died.
@@ -649,8 +648,7 @@ impl FrontClient {
             inner: Arc::new(FrontInner {
                 url,
                 tls,
-                token: cfg.token.clone(),
-                connect_timeout: cfg.connect_timeout,
+                cfg: cfg.clone(),
                 version,
                 remote: Mutex::new(addr),
                 h2: tokio::sync::Mutex::new(h2),
@@ -686,7 +684,7 @@ impl FrontClient {
             }
         }
         *cur = None;
-        let limit = self.inner.connect_timeout;
+        let limit = self.inner.cfg.connect_timeout;
         let c = bounded(limit, async {
             let (stream, addr) = open_tls(&self.inner.url, self.inner.tls.clone()).await?;
             if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
@@ -726,7 +724,7 @@ impl FrontClient {
                 ))
             }
             FrontVersion::Http11 => {
-                let limit = self.inner.connect_timeout;
+                let limit = self.inner.cfg.connect_timeout;
                 let (mut stream, addr) =
                     bounded(limit, open_tls(&self.inner.url, self.inner.tls.clone())).await?;
                 *self.inner.remote.lock().unwrap() = addr;
@@ -749,7 +747,7 @@ impl FrontClient {
         &self,
         req: &FrontRequest,
     ) -> Result<(http::Response<()>, FrontStream), ClientError> {
-        let (head, stream) = self.request(req, self.inner.token.as_deref()).await?;
+        let (head, stream) = self.request(req, self.inner.cfg.token.as_deref()).await?;
         let response = http::Response::from_parts(head, ());
         match stream {
             Some(s) => Ok((response, s)),
@@ -765,13 +763,14 @@ impl FrontClient {
 
     /// Opens a UDP tunnel (connect-udp); payloads travel in DATAGRAM capsules.
     pub async fn connect_udp(&self, target: &Target) -> Result<UdpTunnel, ClientError> {
-        let (response, stream) = self.open(&FrontRequest::udp(target)).await?;
+        let path = self.inner.cfg.connect_udp_path(target);
+        let (response, stream) = self.open(&FrontRequest::ConnectUdp(path)).await?;
         Ok(UdpTunnel::over_front(stream, response))
     }
 
     /// The relay's round-trip time: an HTTP/2 PING, or a TCP handshake on HTTP/1.1.
     pub async fn rtt_probe(&self) -> Result<Duration, ClientError> {
-        let limit = self.inner.connect_timeout;
+        let limit = self.inner.cfg.connect_timeout;
         match self.inner.version {
             FrontVersion::H2 => {
                 let conn = self.h2().await?;
