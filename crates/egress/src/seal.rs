@@ -427,6 +427,16 @@ impl Sealer {
             .max(now + 1)
     }
 
+    /// Erases expired epoch keys on time, also while no tunnel is opened (runs until dropped).
+    pub async fn erase_on_schedule(&self) {
+        loop {
+            let now = unix_now();
+            let wait = self.next_erasure(now).saturating_sub(now);
+            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+            self.erase_expired(unix_now());
+        }
+    }
+
     /// Opens host bits with the keys this relay still holds (the retention window): what a relay's
     /// memory can reveal if it is seized. Addresses older than the retention give "no match".
     pub fn open_retained(&self, layout: &SealLayout, iid: u128) -> Vec<Opening> {
