@@ -10,11 +10,19 @@ fn seal_key_file_corpus_replays_clean() {
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "corpus directory {} is empty", dir.display());
+    assert!(
+        !files.is_empty(),
+        "corpus directory {} is empty",
+        dir.display()
+    );
     for path in &files {
         let data = std::fs::read(path).unwrap();
         let outcome = std::panic::catch_unwind(|| cfr_egress::seal::fuzz_key_file(&data));
-        assert!(outcome.is_ok(), "seal_key_file property violated by {}", path.display());
+        assert!(
+            outcome.is_ok(),
+            "seal_key_file property violated by {}",
+            path.display()
+        );
     }
     // The seeds cover every kind that parses.
     let kinds: Vec<&str> = files
