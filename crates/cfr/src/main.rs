@@ -74,6 +74,8 @@ enum EgressCommand {
     },
     /// Generate a sealing key (egress.sealing): a master key, or a relay key plus K-of-N shares.
     Keygen(seal_cmd::KeygenArgs),
+    /// Write a relay key (seals from one epoch on, opens nothing earlier) from a master key.
+    Derive(seal_cmd::DeriveArgs),
     /// Open a sealed egress address: print the subscriber handle, epoch and instance, or "no match".
     Open(seal_cmd::OpenArgs),
 }
@@ -181,6 +183,9 @@ fn main() -> ExitCode {
             Command::Egress {
                 command: EgressCommand::Keygen(args),
             } => seal_cmd::keygen(args),
+            Command::Egress {
+                command: EgressCommand::Derive(args),
+            } => seal_cmd::derive(args),
             Command::Egress {
                 command: EgressCommand::Open(args),
             } => seal_cmd::open(args),

@@ -38,6 +38,19 @@ pub struct KeygenArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DeriveArgs {
+    /// The master key file.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Relay key file to write (mode 0600; never overwritten).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// First epoch the relay key can seal: the epoch of this time [default: now].
+    #[arg(long, value_name = "RFC3339-TIME")]
+    from: Option<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct OpenArgs {
     /// Master or relay key file (mode 0600).
     #[arg(
@@ -143,10 +156,45 @@ pub fn keygen(args: KeygenArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn parse_time(flag: &str, text: &str) -> Result<u64, String> {
+    let t = OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|e| format!("{flag} {text:?}: not an RFC 3339 time ({e})"))?;
+    u64::try_from(t.unix_timestamp()).map_err(|_| format!("{flag} is before 1970"))
+}
+
+/// Writes a relay key (the chain key of one epoch) from the master key, so the master can stay off
+/// the relay: a relay that holds only this cannot open anything sealed before that epoch.
+pub fn derive(args: DeriveArgs) -> Result<ExitCode, String> {
+    let from = match &args.from {
+        Some(t) => parse_time("--from", t)?,
+        None => unix_now(),
+    };
+    let KeyFile::Master { params, key } = read_key_file(&args.key).map_err(|e| e.to_string())?
+    else {
+        return Err(format!("{} is not a master key", args.key.display()));
+    };
+    let epoch = params.epoch_at(from).ok_or_else(|| {
+        format!(
+            "--from is before the key's first epoch ({})",
+            rfc3339(params.origin)
+        )
+    })?;
+    let relay = KeyFile::Relay {
+        params,
+        chain: key.chain_at(epoch),
+    };
+    write_key_file(&args.out, &relay)
+        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))?;
+    println!(
+        "wrote a relay key to {} (mode 0600): it seals from {} on and cannot open anything earlier",
+        args.out.display(),
+        rfc3339(params.epoch_start(epoch))
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn open(args: OpenArgs) -> Result<ExitCode, String> {
-    let at = OffsetDateTime::parse(&args.at, &Rfc3339)
-        .map_err(|e| format!("--at {:?}: not an RFC 3339 time ({e})", args.at))?;
-    let at = u64::try_from(at.unix_timestamp()).map_err(|_| "--at is before 1970".to_string())?;
+    let at = parse_time("--at", &args.at)?;
     let (params, key) = match &args.key {
         Some(path) => {
             let file = read_key_file(path).map_err(|e| e.to_string())?;
