@@ -162,7 +162,7 @@ fn ff1(key: &EpochKey, instance: u32, width: u32, value: u128, encrypt: bool) ->
     let ff1 = &key.ff1;
     // Lengths are ≥ 20 numerals (checked by `SealParams::needed_bits`) and radix 2 holds every bit,
     // so the crate's length and radix errors cannot happen.
-    if width % 8 == 0 {
+    if width.is_multiple_of(8) {
         let bytes = &value.to_le_bytes()[..(width / 8) as usize];
         let ns = BinaryNumeralString::from_bytes_le(bytes);
         let out = if encrypt {

@@ -28,10 +28,13 @@ const SUBSCRIBERS: [(&str, u32); 3] = [
     ("carol-token", 303),
 ];
 
+/// (source address, payload) of each datagram a destination received.
+type Received = Arc<Mutex<Vec<(IpAddr, Vec<u8>)>>>;
+
 /// A UDP echo that records (source address, payload) of every datagram.
 struct RecordingUdp {
     addr: SocketAddr,
-    seen: Arc<Mutex<Vec<(IpAddr, Vec<u8>)>>>,
+    seen: Received,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,7 +42,7 @@ impl RecordingUdp {
     async fn start() -> Self {
         let sock = UdpSocket::bind("[::1]:0").await.unwrap();
         let addr = sock.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen: Received = Arc::default();
         let log = seen.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
