@@ -854,6 +854,66 @@ mod tests {
     }
 
     #[test]
+    fn sealed_pools_issue_addresses_that_open_to_the_subscriber_and_reuse_them_per_subscriber() {
+        use crate::seal::{open_address, MasterKey, OpeningKey, SealParams};
+        let now = unix_now();
+        let params = SealParams {
+            origin: now - now % 3600,
+            epoch_secs: 3600,
+            handle_bits: 20,
+            check_bits: 20,
+        };
+        let master = MasterKey::from_bytes([6; 32]);
+        let cfg = EgressConfig {
+            prefixes: vec!["2001:db8:cf::/64".parse().unwrap()],
+            policy: EgressPolicy::PerConnection,
+            ..EgressConfig::default()
+        };
+        let sealer = Sealer::new(params, master.chain_at(0), 0, 0, now).unwrap();
+        let p = EgressPool::with_sealer(&cfg, Some(sealer)).unwrap();
+        let layout = SealLayout::for_prefix(cfg.prefixes[0], &params).unwrap();
+        let c = p.connection();
+        let a = c
+            .source_for_subscriber(V6DEST, Subscriber(5))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c.source_for_subscriber(V6DEST, Subscriber(5)).unwrap(),
+            Some(a)
+        );
+        let b = c
+            .source_for_subscriber(V6DEST, Subscriber(6))
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            a, b,
+            "another subscriber on the connection gets its own sealed address"
+        );
+        let e = params.epoch_at(unix_now()).unwrap();
+        for (addr, handle) in [(a, 5), (b, 6)] {
+            let opened = open_address(
+                &OpeningKey::Master(master.clone()),
+                &layout,
+                u128::from(iid(addr)),
+                e.saturating_sub(1)..=e + 1,
+                0..=0,
+            );
+            assert!(
+                opened.iter().any(|o| o.subscriber == Subscriber(handle)),
+                "{addr} must open to {handle}: {opened:?}"
+            );
+        }
+        // A prefix too short for handle + check + nonce bits is refused with the bits needed.
+        let short = EgressConfig {
+            prefixes: vec!["198.51.100.0/24".parse().unwrap()],
+            ..EgressConfig::default()
+        };
+        let sealer = Sealer::new(params, master.chain_at(0), 0, 0, now).unwrap();
+        let err = EgressPool::with_sealer(&short, Some(sealer)).unwrap_err();
+        assert!(err.to_string().contains("needs at least 56"), "{err}");
+    }
+
+    #[test]
     fn missing_family_follows_the_fallback() {
         let sys = pool(
             &["2001:db8:cf::/64"],

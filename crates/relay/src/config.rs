@@ -498,6 +498,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sealing_and_subscriber_keys_round_trip_and_name_the_key_at_fault() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/config_loader/sealing.toml"
+        ))
+        .unwrap();
+        let cfg = RelayConfig::from_toml(&text).unwrap();
+        assert!(cfg.egress.sealing);
+        assert_eq!(cfg.egress.instance_id, 2);
+        assert_eq!(
+            cfg.auth.subscribers.tokens.get(&TokenHash::of("test")),
+            Some(&1017)
+        );
+        assert_eq!(RelayConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        let err = RelayConfig::from_toml(
+            "[auth.subscribers.tokens]\n\"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\" = 0\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("auth.subscribers.tokens"), "{err}");
+        let err = RelayConfig::from_toml("[egress]\nsealing = true\n").unwrap_err();
+        assert!(err.to_string().contains("egress.sealing_key"), "{err}");
+    }
+
+    #[test]
     fn defaults_are_valid_and_round_trip_through_toml() {
         let cfg = RelayConfig::default();
         cfg.validate().unwrap();
