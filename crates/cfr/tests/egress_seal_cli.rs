@@ -13,6 +13,14 @@ fn cfr(args: &[&str]) -> Output {
         .expect("cfr runs")
 }
 
+/// `cfr egress open --key KEY --at AT [extra…] ADDRESS`.
+fn open_with_key(key: &str, at: &str, extra: &[&str], address: &str) -> Output {
+    let mut args = vec!["egress", "open", "--key", key, "--at", at];
+    args.extend_from_slice(extra);
+    args.push(address);
+    cfr(&args)
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -73,17 +81,7 @@ fn master_key_opens_its_addresses_and_nothing_else() {
 
     let at = now_rfc3339();
     let addr = sealed_address(&key, 77, 2).to_string();
-    let out = cfr(&[
-        "egress",
-        "open",
-        "--key",
-        k,
-        "--at",
-        &at,
-        "--instances",
-        "3",
-        &addr,
-    ]);
+    let out = open_with_key(k, &at, &["--instances", "3"], &addr);
     assert!(
         out.status.success(),
         "open: {}{}",
@@ -97,7 +95,7 @@ fn master_key_opens_its_addresses_and_nothing_else() {
     );
 
     let anon = sealed_address(&key, 0, 0).to_string();
-    let out = cfr(&["egress", "open", "--key", k, "--at", &at, &anon]);
+    let out = open_with_key(k, &at, &[], &anon);
     assert!(
         stdout(&out).contains("subscriber anonymous"),
         "{}",
@@ -105,22 +103,14 @@ fn master_key_opens_its_addresses_and_nothing_else() {
     );
 
     // An address of the prefix that was never sealed.
-    let out = cfr(&[
-        "egress",
-        "open",
-        "--key",
-        k,
-        "--at",
-        &at,
-        "2001:db8:cf::1234",
-    ]);
+    let out = open_with_key(k, &at, &[], "2001:db8:cf::1234");
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(stdout(&out).starts_with("no match"), "{}", stdout(&out));
 
     // A key file others can read is refused, with the fix.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = cfr(&["egress", "open", "--key", k, "--at", &at, &addr]);
+    let out = open_with_key(k, &at, &[], &addr);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
 }
@@ -162,7 +152,7 @@ fn two_of_three_shares_open_what_the_relay_key_sealed() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("2 needed"), "{}", stderr(&out));
     // The relay key itself opens its own epoch.
-    let out = cfr(&["egress", "open", "--key", r, "--at", &at, &addr]);
+    let out = open_with_key(r, &at, &[], &addr);
     assert!(
         stdout(&out).contains("subscriber 4242 "),
         "{}",
@@ -180,6 +170,6 @@ fn a_derived_relay_key_seals_what_the_master_opens() {
     let out = cfr(&["egress", "derive", "--key", m, "--out", r]);
     assert!(out.status.success(), "derive: {}", stderr(&out));
     let addr = sealed_address(&relay, 9, 0).to_string();
-    let out = cfr(&["egress", "open", "--key", m, "--at", &now_rfc3339(), &addr]);
+    let out = open_with_key(m, &now_rfc3339(), &[], &addr);
     assert!(stdout(&out).contains("subscriber 9 "), "{}", stdout(&out));
 }

@@ -26,7 +26,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use fpe::ff1::{BinaryNumeralString, FlexibleNumeralString};
+use fpe::ff1::{BinaryNumeralString, FlexibleNumeralString, NumeralString};
 use rand::rngs::OsRng;
 use rand::Rng;
 
@@ -159,18 +159,11 @@ fn tweak(epoch: u64, instance: u32) -> [u8; 16] {
 /// binary numeral strings (fast); others one numeral per bit.
 fn ff1(key: &EpochKey, instance: u32, width: u32, value: u128, encrypt: bool) -> u128 {
     let t = tweak(key.epoch(), instance);
-    let ff1 = &key.ff1;
     // Lengths are ≥ 20 numerals (checked by `SealParams::needed_bits`) and radix 2 holds every bit,
     // so the crate's length and radix errors cannot happen.
     if width.is_multiple_of(8) {
         let bytes = &value.to_le_bytes()[..(width / 8) as usize];
-        let ns = BinaryNumeralString::from_bytes_le(bytes);
-        let out = if encrypt {
-            ff1.encrypt(&t, &ns)
-        } else {
-            ff1.decrypt(&t, &ns)
-        }
-        .expect("valid FF1 radix-2 input");
+        let out = ff1_apply(key, &t, &BinaryNumeralString::from_bytes_le(bytes), encrypt);
         let mut le = [0u8; 16];
         le[..bytes.len()].copy_from_slice(&out.to_bytes_le());
         u128::from_le_bytes(le)
@@ -179,17 +172,20 @@ fn ff1(key: &EpochKey, instance: u32, width: u32, value: u128, encrypt: bool) ->
             .rev()
             .map(|i| ((value >> i) & 1) as u16)
             .collect();
-        let ns = FlexibleNumeralString::from(bits);
-        let out = if encrypt {
-            ff1.encrypt(&t, &ns)
-        } else {
-            ff1.decrypt(&t, &ns)
-        }
-        .expect("valid FF1 radix-2 input");
+        let out = ff1_apply(key, &t, &FlexibleNumeralString::from(bits), encrypt);
         Vec::<u16>::from(out)
             .into_iter()
             .fold(0u128, |acc, b| (acc << 1) | u128::from(b))
     }
+}
+
+fn ff1_apply<NS: NumeralString>(key: &EpochKey, tweak: &[u8], ns: &NS, encrypt: bool) -> NS {
+    if encrypt {
+        key.ff1.encrypt(tweak, ns)
+    } else {
+        key.ff1.decrypt(tweak, ns)
+    }
+    .expect("valid FF1 radix-2 input")
 }
 
 /// The host bits that seal `(subscriber, nonce)` under `key` for relay `instance`.
@@ -300,6 +296,9 @@ pub fn unix_now() -> u64 {
 }
 
 /// The relay side: the keyring plus the per-epoch nonce counter. `Send + Sync`; one per relay.
+/// Accountability without a per-tunnel record, and nothing stable in what a destination sees:
+//= https://datatracker.ietf.org/doc/html/draft-scalone-cfr-source-privacy-02#section-8
+//# should not require the upstream CFS to receive a stable subscriber identifier
 #[derive(Debug)]
 pub struct Sealer {
     instance: u32,

@@ -155,6 +155,18 @@ fn open_all(keys: &[EpochKey], layout: &SealLayout, iid: u64) -> Vec<(Subscriber
         .collect()
 }
 
+/// What the master key opens `addr` to in epoch `epoch` (when the tunnel opened) or the next one
+/// (the epoch may have turned while it opened).
+fn master_opens(
+    master: &MasterKey,
+    layout: &SealLayout,
+    epoch: u64,
+    addr: IpAddr,
+) -> Vec<(Subscriber, u64)> {
+    let keys = [epoch, epoch + 1].map(|e| master.chain_at(e).epoch_key());
+    open_all(&keys, layout, iid(addr))
+}
+
 /// False matches allowed for `tries` openings at 2^-check_bits each: the expectation is
 /// tries·2^-20 ≈ 0.03 for 30 000 tries; P(Poisson(0.03) ≥ 5) ≈ 2·10^-10.
 const FALSE_MATCH_BOUND: usize = 4;
@@ -373,11 +385,7 @@ fn relay_forgets_epochs_after_the_retention_and_a_restart_seals_the_current_epoc
             );
             // The accountable party's master key still opens it: retention is about the relay.
             let e_a = params.epoch_at(at_a).unwrap();
-            let from_master = open_all(
-                &[e_a, e_a + 1].map(|e| master.chain_at(e).epoch_key()),
-                &layout,
-                iid(a),
-            );
+            let from_master = master_opens(&master, &layout, e_a, a);
             assert!(
                 from_master
                     .iter()
@@ -392,11 +400,7 @@ fn relay_forgets_epochs_after_the_retention_and_a_restart_seals_the_current_epoc
             let at_b = unix_now();
             let b = one_sealed_tunnel(&relay, &dest, alice, "second").await;
             let e_b = params.epoch_at(at_b).unwrap();
-            let from_master = open_all(
-                &[e_b, e_b + 1].map(|e| master.chain_at(e).epoch_key()),
-                &layout,
-                iid(b),
-            );
+            let from_master = master_opens(&master, &layout, e_b, b);
             assert!(
                 from_master
                     .iter()
