@@ -417,6 +417,59 @@ fn relay_forgets_epochs_after_the_retention_and_a_restart_seals_the_current_epoc
     );
 }
 
+#[test]
+fn a_client_certificate_seals_to_its_operator_assigned_handle() {
+    cfr_testkit::netns::run_in_netns(
+        "a_client_certificate_seals_to_its_operator_assigned_handle",
+        &[&["-6", "route", "add", "local", POOL, "dev", "lo"]],
+        || async {
+            use rustls::pki_types::pem::PemObject;
+            use sha2::{Digest, Sha256};
+            const CERT_HANDLE: u32 = 404;
+            let pool: IpNet = POOL.parse().unwrap();
+            let keys = tempfile::tempdir().unwrap();
+            let params = params_now(3600);
+            let master = MasterKey::generate();
+            let key_path = write_master(keys.path(), params, &master);
+            // The relay's dev CA exists before the relay starts, so the operator can hash the
+            // client certificate it issues into `auth.subscribers.client_certs`.
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = cfr_testkit::relay::test_config(dir.path());
+            let (cert, cert_key) =
+                cfr_relay::tls::generate_client_cert(dir.path(), "dave").unwrap();
+            let der = rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap();
+            sealing_config(&mut cfg, pool, &key_path, 0);
+            cfg.auth.client_ca = Some(dir.path().join("ca.pem"));
+            cfg.auth
+                .subscribers
+                .client_certs
+                .insert(TokenHash(Sha256::digest(der.as_ref()).into()), CERT_HANDLE);
+            let resolver: Arc<dyn cfr_relay::Resolver> = Arc::new(cfr_relay::HostsThenSystem {
+                hosts: cfg.resolver.hosts.clone(),
+                hosts_only: true,
+            });
+            let relay = TestRelay::start_with_resolver(dir, cfg, resolver).await;
+            let dest = RecordingUdp::start().await;
+            let mut client_cfg = relay.client_config();
+            client_cfg.token = None;
+            client_cfg.client_cert = Some((cert, cert_key));
+            let client = cfr_client::RelayClient::connect(client_cfg).await.unwrap();
+            let at = unix_now();
+            let tunnel = client.connect_udp(&target(dest.addr)).await.unwrap();
+            udp_echo(&tunnel, b"by certificate", 5, Duration::from_secs(2)).await;
+            let seen = dest.sources_by_payload();
+            let a = *seen[&b"by certificate"[..]].iter().next().unwrap();
+            let layout = SealLayout::for_prefix(pool, &params).unwrap();
+            let opened = master_opens(&master, &layout, params.epoch_at(at).unwrap(), a);
+            assert!(
+                opened.iter().any(|(s, _)| *s == Subscriber(CERT_HANDLE)),
+                "a tunnel authenticated by certificate must open to handle {CERT_HANDLE}: {opened:?}"
+            );
+            relay.stop().await;
+        },
+    );
+}
+
 #[tokio::test]
 async fn sealing_refuses_to_start_when_the_prefix_is_too_short() {
     let dir = tempfile::tempdir().unwrap();
