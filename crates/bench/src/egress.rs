@@ -1,5 +1,6 @@
 //! Egress cost: a per-tunnel random source address (EgressPool over 127.0.0.0/8, freebind) against
-//! a kernel-chosen source, for TCP bind+connect and UDP bind+connect.
+//! a kernel-chosen source, for TCP bind+connect and UDP bind+connect; and what sealing the address
+//! (FF1 under the epoch key, `egress.sealing`) costs per tunnel next to drawing it.
 use std::time::{Duration, Instant};
 
 use cfr_egress::{EgressConfig, EgressPolicy, EgressPool};
@@ -14,6 +15,8 @@ pub const TCP_RANDOM: &str = "TCP bind+connect, random 127/8 source";
 pub const TCP_KERNEL: &str = "TCP bind+connect, kernel source";
 pub const UDP_RANDOM: &str = "UDP bind+connect, random 127/8 source";
 pub const UDP_KERNEL: &str = "UDP bind+connect, kernel source";
+pub const SEALED: &str = "sealed /64 source address (FF1-AES-256)";
+pub const DRAWN: &str = "drawn /64 source address (OsRng)";
 
 pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
     let Some(origin) = env::origin_or_unavailable(env, rows, SECTION, TCP_RANDOM, "µs").await
@@ -108,4 +111,62 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
     pct_rows(SECTION, TCP_KERNEL, pick(tcp_k), rows);
     pct_rows(SECTION, UDP_RANDOM, pick(udp_r), rows);
     pct_rows(SECTION, UDP_KERNEL, pick(udp_k), rows);
+    address_choice_rows(plan.egress_samples, rows);
+}
+
+/// Choosing a tunnel's source address alone (no socket): sealed for a subscriber against drawn from
+/// the CSPRNG, alternating in rounds like the bind rows. A /64 needs a routed prefix to bind, so only
+/// the choice is timed; add it to the bind rows above for a sealed tunnel's egress cost.
+fn address_choice_rows(n: usize, rows: &mut Vec<Row>) {
+    use cfr_egress::seal::{unix_now, MasterKey, SealParams, Sealer, Subscriber};
+    let now = unix_now();
+    let params = SealParams {
+        origin: now - now % SealParams::DEFAULT_EPOCH_SECS,
+        epoch_secs: SealParams::DEFAULT_EPOCH_SECS,
+        handle_bits: SealParams::DEFAULT_HANDLE_BITS,
+        check_bits: SealParams::DEFAULT_CHECK_BITS,
+    };
+    let cfg = EgressConfig {
+        prefixes: vec!["2001:db8:cf::/64".parse().expect("static net")],
+        ..EgressConfig::default()
+    };
+    let pools = Sealer::new(params, MasterKey::generate().chain_at(0), 0, 0, now)
+        .map_err(|e| e.to_string())
+        .and_then(|s| EgressPool::with_sealer(&cfg, Some(s)).map_err(|e| e.to_string()))
+        .and_then(|sealed| Ok((sealed, EgressPool::new(&cfg).map_err(|e| e.to_string())?)));
+    let (sealed, drawn) = match pools {
+        Ok(p) => p,
+        Err(e) => {
+            pct_rows(SECTION, SEALED, Err(e.clone()), rows);
+            pct_rows(SECTION, DRAWN, Err(e), rows);
+            return;
+        }
+    };
+    let dest: std::net::IpAddr = "2001:db8::1".parse().expect("static address");
+    let (sealed, drawn) = (sealed.connection(), drawn.connection());
+    let mut s = Vec::with_capacity(n);
+    let mut d = Vec::with_capacity(n);
+    let time = |f: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        let ok = f();
+        (t.elapsed().as_secs_f64() * 1e6, ok)
+    };
+    let mut failed = false;
+    for i in 0..n {
+        let sub = Subscriber(1 + (i as u32 % 1000));
+        let (us, ok) = time(&|| matches!(sealed.source_for_subscriber(dest, sub), Ok(Some(_))));
+        s.push(us);
+        let (us, ok2) = time(&|| matches!(drawn.source_for(dest), Ok(Some(_))));
+        d.push(us);
+        failed |= !(ok && ok2);
+    }
+    let result = |v: Vec<f64>| {
+        if failed {
+            Err("an address choice failed".to_string())
+        } else {
+            Ok(v)
+        }
+    };
+    pct_rows(SECTION, SEALED, result(s), rows);
+    pct_rows(SECTION, DRAWN, result(d), rows);
 }

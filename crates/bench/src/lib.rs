@@ -260,6 +260,13 @@ fn derive(r: &mut Report) {
         r.target(&name, "≤ 20 µs", |row| row.value.map(|v| v <= 20.0));
         r.ratio(&format!("{random}: p99"), &format!("{kernel}: p99"));
     }
+    // Sealing: the FF1 address choice against the unsealed egress bind it precedes, same run.
+    for p in ["p50", "p99"] {
+        r.ratio(
+            &format!("{}: {p}", egress::SEALED),
+            &format!("{}: {p}", egress::UDP_RANDOM),
+        );
+    }
 }
 
 /// What `cfr bench` does: run, print the table, write the JSON.

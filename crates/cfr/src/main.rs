@@ -3,6 +3,7 @@
 
 mod client_cmd;
 mod fleet_cmd;
+mod seal_cmd;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +72,12 @@ enum EgressCommand {
         #[arg(long = "egress-prefix", value_name = "CIDR")]
         egress_prefix: Vec<IpNet>,
     },
+    /// Generate a sealing key (egress.sealing): a master key, or a relay key plus K-of-N shares.
+    Keygen(seal_cmd::KeygenArgs),
+    /// Write a relay key (seals from one epoch on, opens nothing earlier) from a master key.
+    Derive(seal_cmd::DeriveArgs),
+    /// Open a sealed egress address: print the subscriber handle, epoch and instance, or "no match".
+    Open(seal_cmd::OpenArgs),
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +180,15 @@ fn main() -> ExitCode {
                         egress_prefix,
                     },
             } => egress_check(config.as_deref(), egress_prefix),
+            Command::Egress {
+                command: EgressCommand::Keygen(args),
+            } => seal_cmd::keygen(args),
+            Command::Egress {
+                command: EgressCommand::Derive(args),
+            } => seal_cmd::derive(args),
+            Command::Egress {
+                command: EgressCommand::Open(args),
+            } => seal_cmd::open(args),
             Command::Bench(args) => cfr_bench::main(args).await,
         }
     });

@@ -23,6 +23,17 @@ pub struct EgressConfig {
     pub epoch_secret_file: Option<PathBuf>,
     /// What to do for a destination whose family has no prefix.
     pub fallback: Fallback,
+    /// Seal every address: its host bits encrypt (FF1, [`crate::seal`]) the subscriber handle and
+    /// epoch under the key in `sealing_key`, instead of being drawn at random.
+    pub sealing: bool,
+    /// Key file for sealing (`cfr egress keygen`): a master or relay key, mode 0600.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealing_key: Option<PathBuf>,
+    /// Seconds an epoch key stays in the relay's memory after its epoch ended; then it is erased and
+    /// cannot be re-derived from what the relay holds.
+    pub sealing_retention_secs: u64,
+    /// This relay's instance number, part of the sealing tweak (relays sharing a key need distinct ids).
+    pub instance_id: u32,
 }
 
 impl Default for EgressConfig {
@@ -33,6 +44,10 @@ impl Default for EgressConfig {
             epoch_secs: 600,
             epoch_secret_file: None,
             fallback: Fallback::default(),
+            sealing: false,
+            sealing_key: None,
+            sealing_retention_secs: 0,
+            instance_id: 0,
         }
     }
 }

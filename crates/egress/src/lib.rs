@@ -3,6 +3,8 @@
 //! Each tunnel leaves from a source address drawn with a CSPRNG, uniformly over the operator's
 //! prefixes ([`EgressPool`], [`ConnectionEgress`]), through a socket bound to it with freebind
 //! ([`connect_tcp`], [`bind_udp`]). [`check::diagnose`] tells an operator what is missing on the host.
+//! With sealing on ([`seal`]), the host bits are instead an FF1 encryption of the subscriber handle
+//! and epoch that only the operator's key opens.
 //!
 //! Privacy rules this crate keeps: the mapping client ↔ egress address is never disclosed: no address
 //! in metrics labels, errors or logs above debug level.
@@ -13,11 +15,13 @@ pub mod check;
 mod config;
 mod epoch;
 mod pool;
+pub mod seal;
 mod socket;
 
 pub use config::{EgressConfig, EgressPolicy, Fallback, ParseNameError};
 pub use epoch::{Clock, EpochSchedule, SystemClock, MIN_SECRET_LEN};
 pub use pool::{ConnectionEgress, EgressPool};
+pub use seal::{Sealer, Subscriber};
 pub use socket::{bind_udp, connect_tcp};
 
 /// Registers descriptions of this crate's metrics with the installed `metrics` recorder. Labels are

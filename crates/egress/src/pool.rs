@@ -17,6 +17,7 @@ use rand::rngs::OsRng;
 use rand::{Rng, RngCore};
 
 use crate::epoch::{Clock, ConnectionSalt, EpochSchedule, SystemClock};
+use crate::seal::{unix_now, SealLayout, Sealer, Subscriber};
 use crate::{EgressConfig, EgressError, EgressPolicy, Fallback};
 
 /// Interface identifiers (low 64 bits of an IPv6 address) that are never issued, as inclusive ranges.
@@ -43,6 +44,8 @@ struct Block {
     base: u128,
     /// Number of host bits: the block holds 2^host_bits addresses (0..=128).
     host_bits: u32,
+    /// How sealed host bits are laid out in this block, when sealing is on.
+    seal_layout: Option<SealLayout>,
 }
 
 impl Block {
@@ -55,6 +58,7 @@ impl Block {
             net,
             base,
             host_bits: bits - u32::from(net.prefix_len()),
+            seal_layout: None,
         }
     }
 
@@ -172,12 +176,21 @@ impl FamilyPool {
     /// A uniformly drawn, non-reserved address of the whole family pool. Reject-and-redraw over the
     /// whole pool keeps the choice exactly uniform over the issuable addresses (no modulo bias, no
     /// weighting error between prefixes).
-    fn draw(&self) -> Result<IpAddr, EgressError> {
-        self.draw_from(&mut OsRng)
+    ///
+    /// With a sealer, the block is still chosen by that draw (weighted by size) but the host bits
+    /// are the sealed IID of `subscriber`: FF1 is a permutation of the block's host bits, so the
+    /// address is as uniform over the block as a drawn one to anyone without the key. A sealed
+    /// IID that is reserved is replaced by the next nonce's.
+    fn draw(&self, sealing: Option<(&Sealer, Subscriber)>) -> Result<IpAddr, EgressError> {
+        self.draw_from(&mut OsRng, sealing)
     }
 
     /// [`Self::draw`] from a given cryptographic stream (the epoch policy's keyed stream).
-    fn draw_from(&self, rng: &mut impl RngCore) -> Result<IpAddr, EgressError> {
+    fn draw_from(
+        &self,
+        rng: &mut impl RngCore,
+        sealing: Option<(&Sealer, Subscriber)>,
+    ) -> Result<IpAddr, EgressError> {
         for _ in 0..MAX_DRAWS {
             // draft-scalone-cfr-source-privacy: CSPRNG, uniform over the whole pool.
             let mut index = rng.gen_range(0..=self.last_index);
@@ -185,6 +198,11 @@ impl FamilyPool {
                 match b.size() {
                     Some(size) if index >= size => index -= size,
                     _ => {
+                        if let (Some((sealer, subscriber)), Some(layout)) =
+                            (sealing, &b.seal_layout)
+                        {
+                            index = sealer.seal(layout, subscriber, unix_now());
+                        }
                         if !b.is_reserved(index) {
                             metrics::counter!("cfr_egress_addresses_issued_total", "family" => self.label)
                                 .increment(1);
@@ -208,6 +226,7 @@ struct PoolInner {
     /// The fleet-wide epoch schedule; present exactly when the policy is `epoch`.
     schedule: Option<EpochSchedule>,
     fallback: Fallback,
+    sealer: Option<Arc<Sealer>>,
 }
 
 impl PoolInner {
@@ -230,6 +249,11 @@ impl EgressConfig {
 /// Prefixes in canonical form (no host bits set), no two prefixes overlapping, no prefix made only
 /// of reserved addresses, no IPv4-mapped IPv6 prefix, and a non-zero epoch.
 fn check_config(cfg: &EgressConfig) -> Result<(), EgressError> {
+    if cfg.sealing && cfg.sealing_key.is_none() {
+        return Err(EgressError::InvalidConfig(
+            "egress.sealing_key is required when egress.sealing = true".into(),
+        ));
+    }
     if cfg.epoch_secs == 0 {
         return Err(EgressError::InvalidConfig(
             "epoch_secs must be greater than 0".into(),
@@ -312,8 +336,34 @@ impl EgressPool {
                 policy: cfg.policy,
                 schedule,
                 fallback: cfg.fallback,
+                sealer: None,
             }),
         })
+    }
+
+    /// Like [`EgressPool::new`], sealing every address with `sealer` (built from the same config by
+    /// [`Sealer::from_config`]). Fails, saying how many host bits are needed, when a prefix is too
+    /// short for the sealed plaintext.
+    pub fn with_sealer(cfg: &EgressConfig, sealer: Option<Sealer>) -> Result<Self, EgressError> {
+        let mut pool = Self::new(cfg)?;
+        if let Some(sealer) = sealer {
+            let inner = Arc::get_mut(&mut pool.inner).expect("a new pool is not shared");
+            for family in [inner.v4.as_mut(), inner.v6.as_mut()].into_iter().flatten() {
+                for b in &mut family.blocks {
+                    b.seal_layout = Some(
+                        SealLayout::for_prefix(b.net, sealer.params())
+                            .map_err(|e| EgressError::InvalidConfig(e.to_string()))?,
+                    );
+                }
+            }
+            inner.sealer = Some(Arc::new(sealer));
+        }
+        Ok(pool)
+    }
+
+    /// The sealer, when addresses are sealed.
+    pub fn sealer(&self) -> Option<&Arc<Sealer>> {
+        self.inner.sealer.as_ref()
     }
 
     /// No prefixes at all: every tunnel leaves from a kernel-chosen source (no source privacy).
@@ -373,6 +423,8 @@ pub(crate) fn is_v6(addr: IpAddr) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct Sticky {
     addr: IpAddr,
+    /// Sealed addresses are reused only for tunnels of the subscriber they were sealed for.
+    subscriber: Subscriber,
     /// For the epoch policy: the epoch this address was drawn for.
     epoch: Option<u64>,
 }
@@ -396,6 +448,16 @@ impl ConnectionEgress {
     /// The returned address is used for the whole life of the tunnel it is bound to; later calls (and
     /// rotation) only affect tunnels opened afterwards.
     pub fn source_for(&self, dest: IpAddr) -> Result<Option<IpAddr>, EgressError> {
+        self.source_for_subscriber(dest, Subscriber::ANONYMOUS)
+    }
+
+    /// [`ConnectionEgress::source_for`] for a tunnel opened by `subscriber`: when the pool seals,
+    /// the address opens to that subscriber (with the key).
+    pub fn source_for_subscriber(
+        &self,
+        dest: IpAddr,
+        subscriber: Subscriber,
+    ) -> Result<Option<IpAddr>, EgressError> {
         let v6 = is_v6(dest);
         let pool = &self.pool;
         let Some(family) = pool.family(v6) else {
@@ -407,23 +469,28 @@ impl ConnectionEgress {
                 Fallback::Refuse => Err(EgressError::NoAddressForFamily { v6 }),
             };
         };
+        let sealing = pool.sealer.as_deref().map(|s| (s, subscriber));
         let epoch = match (pool.policy, &pool.schedule) {
-            (EgressPolicy::PerTunnel, _) => return family.draw().map(Some),
+            (EgressPolicy::PerTunnel, _) => return family.draw(sealing).map(Some),
             (EgressPolicy::Epoch, Some(schedule)) => Some(schedule.current()),
             _ => None,
         };
         let mut sticky = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
         let slot = &mut sticky[usize::from(v6)];
         match slot {
-            Some(s) if s.epoch == epoch => Ok(Some(s.addr)),
+            Some(s) if s.epoch == epoch && s.subscriber == subscriber => Ok(Some(s.addr)),
             _ => {
                 let addr = match (epoch, &pool.schedule) {
                     (Some(e), Some(schedule)) => {
-                        family.draw_from(&mut schedule.stream(e, v6, &self.salt))?
+                        family.draw_from(&mut schedule.stream(e, v6, &self.salt), sealing)?
                     }
-                    _ => family.draw()?,
+                    _ => family.draw(sealing)?,
                 };
-                *slot = Some(Sticky { addr, epoch });
+                *slot = Some(Sticky {
+                    addr,
+                    subscriber,
+                    epoch,
+                });
                 Ok(Some(addr))
             }
         }
@@ -444,6 +511,7 @@ mod tests {
             epoch_secs: 600,
             epoch_secret_file: None,
             fallback,
+            ..EgressConfig::default()
         })
         .unwrap()
     }
@@ -783,6 +851,66 @@ mod tests {
             let after = conn.source_for(V6DEST).unwrap().unwrap();
             assert_ne!(after, *before, "a member did not rotate at the boundary");
         }
+    }
+
+    #[test]
+    fn sealed_pools_issue_addresses_that_open_to_the_subscriber_and_reuse_them_per_subscriber() {
+        use crate::seal::{open_address, MasterKey, OpeningKey, SealParams};
+        let now = unix_now();
+        let params = SealParams {
+            origin: now - now % 3600,
+            epoch_secs: 3600,
+            handle_bits: 20,
+            check_bits: 20,
+        };
+        let master = MasterKey::from_bytes([6; 32]);
+        let cfg = EgressConfig {
+            prefixes: vec!["2001:db8:cf::/64".parse().unwrap()],
+            policy: EgressPolicy::PerConnection,
+            ..EgressConfig::default()
+        };
+        let sealer = Sealer::new(params, master.chain_at(0), 0, 0, now).unwrap();
+        let p = EgressPool::with_sealer(&cfg, Some(sealer)).unwrap();
+        let layout = SealLayout::for_prefix(cfg.prefixes[0], &params).unwrap();
+        let c = p.connection();
+        let a = c
+            .source_for_subscriber(V6DEST, Subscriber(5))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c.source_for_subscriber(V6DEST, Subscriber(5)).unwrap(),
+            Some(a)
+        );
+        let b = c
+            .source_for_subscriber(V6DEST, Subscriber(6))
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            a, b,
+            "another subscriber on the connection gets its own sealed address"
+        );
+        let e = params.epoch_at(unix_now()).unwrap();
+        for (addr, handle) in [(a, 5), (b, 6)] {
+            let opened = open_address(
+                &OpeningKey::Master(master.clone()),
+                &layout,
+                u128::from(iid(addr)),
+                e.saturating_sub(1)..=e + 1,
+                0..=0,
+            );
+            assert!(
+                opened.iter().any(|o| o.subscriber == Subscriber(handle)),
+                "{addr} must open to {handle}: {opened:?}"
+            );
+        }
+        // A prefix too short for handle + check + nonce bits is refused with the bits needed.
+        let short = EgressConfig {
+            prefixes: vec!["198.51.100.0/24".parse().unwrap()],
+            ..EgressConfig::default()
+        };
+        let sealer = Sealer::new(params, master.chain_at(0), 0, 0, now).unwrap();
+        let err = EgressPool::with_sealer(&short, Some(sealer)).unwrap_err();
+        assert!(err.to_string().contains("needs at least 56"), "{err}");
     }
 
     #[test]

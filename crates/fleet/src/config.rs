@@ -399,6 +399,8 @@ impl FleetConfig {
         relay.metrics = inst.metrics;
         relay.egress.prefixes = self.egress_shares(inst.id);
         relay.egress.epoch_secret_file = self.fleet.secret_file.clone();
+        // Sealed egress addresses (egress.sealing) name the member that sealed them.
+        relay.egress.instance_id = inst.id;
         let server_id = self.server_id(inst.id);
         let lb = &self.fleet.quic_lb;
         relay.quic_lb = ServerId::new(&server_id)
@@ -462,6 +464,10 @@ listen = "192.0.2.10:4433"
         assert_eq!(lb.server_id.as_bytes(), [2]);
         assert_eq!((lb.config_rotation, lb.nonce_len), (0, 8));
         assert_eq!(m2.relay.listen, "192.0.2.10:4432".parse().unwrap());
+        assert_eq!(
+            m2.relay.egress.instance_id, 2,
+            "the sealing tweak names the member"
+        );
         assert_eq!(
             m2.relay.egress.prefixes,
             ["2001:db8:cf:0:2000::/68".parse::<IpNet>().unwrap()]

@@ -2,16 +2,18 @@
 //! optionally a client certificate (mTLS). Runs before any DNS lookup or dial.
 use std::path::Path;
 
+use cfr_egress::Subscriber;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::config::{AuthConfig, ConfigError, TokenHash};
 
 /// The verdict on one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthOutcome {
-    Allowed,
+    /// Authenticated, as this subscriber (anonymous without an `auth.subscribers` entry).
+    Allowed(Subscriber),
     /// No credentials were presented (answer 407 with a challenge).
     Missing,
     /// Credentials were presented and are wrong.
@@ -21,7 +23,10 @@ pub enum AuthOutcome {
 /// Configured credentials.
 #[derive(Clone)]
 pub struct Authenticator {
-    hashes: Vec<[u8; 32]>,
+    /// Accepted token hashes with their subscriber handle (0: none).
+    hashes: Vec<([u8; 32], u32)>,
+    /// Client certificate SHA-256 → subscriber handle.
+    cert_handles: Vec<([u8; 32], u32)>,
     mtls: bool,
     require_client_cert: bool,
     open: bool,
@@ -59,8 +64,21 @@ impl Authenticator {
             }
         }
         hashes.extend(extra_tokens.iter().map(|t| TokenHash::of(t).0));
+        let handle_of = |h: [u8; 32]| {
+            cfg.subscribers
+                .tokens
+                .get(&TokenHash(h))
+                .copied()
+                .unwrap_or(0)
+        };
         Ok(Self {
-            hashes,
+            hashes: hashes.into_iter().map(|h| (h, handle_of(h))).collect(),
+            cert_handles: cfg
+                .subscribers
+                .client_certs
+                .iter()
+                .map(|(h, &handle)| (h.0, handle))
+                .collect(),
             mtls: cfg.client_ca.is_some(),
             require_client_cert: cfg.require_client_cert,
             open: cfg.insecure_open_relay,
@@ -76,41 +94,78 @@ impl Authenticator {
         self.open
     }
 
-    /// Checks one request. `client_cert_verified`: the TLS layer verified a client certificate.
-    pub fn check(&self, headers: &HeaderMap, client_cert_verified: bool) -> AuthOutcome {
+    /// Number of accepted tokens that have no subscriber handle (their tunnels are sealed as
+    /// anonymous).
+    pub fn credentials_without_handle(&self) -> usize {
+        self.hashes.iter().filter(|(_, h)| *h == 0).count()
+    }
+
+    /// Every configured subscriber handle (for range checks against the sealing key).
+    pub fn handles(&self) -> impl Iterator<Item = u32> + '_ {
+        self.hashes
+            .iter()
+            .chain(&self.cert_handles)
+            .map(|&(_, h)| h)
+            .filter(|&h| h != 0)
+    }
+
+    /// The subscriber a verified client certificate (leaf, DER) stands for.
+    pub fn client_cert_subscriber(&self, leaf_der: &[u8]) -> Subscriber {
+        let digest: [u8; 32] = Sha256::digest(leaf_der).into();
+        Subscriber(select_handle(&self.cert_handles, &digest).unwrap_or(0))
+    }
+
+    /// Checks one request. `client_cert`: the subscriber of the client certificate the TLS layer
+    /// verified, if any.
+    pub fn check(&self, headers: &HeaderMap, client_cert: Option<Subscriber>) -> AuthOutcome {
         if self.open {
-            return AuthOutcome::Allowed;
+            return AuthOutcome::Allowed(Subscriber::ANONYMOUS);
         }
         let token = bearer(headers, http::header::PROXY_AUTHORIZATION)
             .or_else(|| bearer(headers, http::header::AUTHORIZATION));
-        let token_ok = token.map(|t| self.token_matches(t));
+        let token_ok = token.map(|t| self.token_subscriber(t));
         if self.require_client_cert {
-            return match (client_cert_verified, token_ok) {
-                (true, Some(true)) => AuthOutcome::Allowed,
-                (_, Some(false)) => AuthOutcome::Invalid,
+            // Both credentials: the token names the subscriber, the certificate if it does not.
+            return match (client_cert, token_ok) {
+                (Some(cert), Some(Some(tok))) => {
+                    AuthOutcome::Allowed(if tok == Subscriber::ANONYMOUS {
+                        cert
+                    } else {
+                        tok
+                    })
+                }
+                (_, Some(None)) => AuthOutcome::Invalid,
                 _ => AuthOutcome::Missing,
             };
         }
-        if self.mtls && client_cert_verified {
-            return AuthOutcome::Allowed;
+        if let (true, Some(cert)) = (self.mtls, client_cert) {
+            return AuthOutcome::Allowed(cert);
         }
         match token_ok {
-            Some(true) => AuthOutcome::Allowed,
-            Some(false) => AuthOutcome::Invalid,
+            Some(Some(s)) => AuthOutcome::Allowed(s),
+            Some(None) => AuthOutcome::Invalid,
             None => AuthOutcome::Missing,
         }
     }
 
-    fn token_matches(&self, token: &[u8]) -> bool {
+    /// `Some(subscriber)` when the token is accepted.
+    fn token_subscriber(&self, token: &[u8]) -> Option<Subscriber> {
         let digest: [u8; 32] = Sha256::digest(token).into();
-        // Compare against every hash without an early exit so timing says nothing about which
-        // (or whether a) token matched.
-        let mut ok = subtle::Choice::from(0u8);
-        for h in &self.hashes {
-            ok |= h.ct_eq(&digest);
-        }
-        bool::from(ok)
+        select_handle(&self.hashes, &digest).map(Subscriber)
     }
+}
+
+/// The handle paired with `digest`, compared against every entry without an early exit so timing
+/// says nothing about which (or whether an) entry matched.
+fn select_handle(entries: &[([u8; 32], u32)], digest: &[u8; 32]) -> Option<u32> {
+    let mut found = subtle::Choice::from(0u8);
+    let mut handle = 0u32;
+    for (h, entry_handle) in entries {
+        let eq = h.ct_eq(digest);
+        handle.conditional_assign(entry_handle, eq);
+        found |= eq;
+    }
+    bool::from(found).then_some(handle)
 }
 
 fn bearer(headers: &HeaderMap, name: http::header::HeaderName) -> Option<&[u8]> {
@@ -187,21 +242,22 @@ mod tests {
             ..Default::default()
         };
         let a = Authenticator::new(&cfg, &[]).unwrap();
-        assert_eq!(a.check(&HeaderMap::new(), false), AuthOutcome::Missing);
+        let anon = AuthOutcome::Allowed(Subscriber::ANONYMOUS);
+        assert_eq!(a.check(&HeaderMap::new(), None), AuthOutcome::Missing);
         assert_eq!(
-            a.check(&headers("proxy-authorization", "Bearer s3cret"), false),
-            AuthOutcome::Allowed
+            a.check(&headers("proxy-authorization", "Bearer s3cret"), None),
+            anon
         );
         assert_eq!(
-            a.check(&headers("authorization", "bearer s3cret"), false),
-            AuthOutcome::Allowed
+            a.check(&headers("authorization", "bearer s3cret"), None),
+            anon
         );
         assert_eq!(
-            a.check(&headers("proxy-authorization", "Bearer wrong"), false),
+            a.check(&headers("proxy-authorization", "Bearer wrong"), None),
             AuthOutcome::Invalid
         );
         assert_eq!(
-            a.check(&headers("proxy-authorization", "Basic czNjcmV0"), false),
+            a.check(&headers("proxy-authorization", "Basic czNjcmV0"), None),
             AuthOutcome::Invalid
         );
     }
@@ -213,22 +269,66 @@ mod tests {
             ..Default::default()
         };
         let a = Authenticator::new(&cfg, &["tok".into()]).unwrap();
-        assert_eq!(a.check(&HeaderMap::new(), true), AuthOutcome::Allowed);
-        assert_eq!(a.check(&HeaderMap::new(), false), AuthOutcome::Missing);
+        let anon = AuthOutcome::Allowed(Subscriber::ANONYMOUS);
+        let cert = Some(Subscriber::ANONYMOUS);
+        assert_eq!(a.check(&HeaderMap::new(), cert), anon);
+        assert_eq!(a.check(&HeaderMap::new(), None), AuthOutcome::Missing);
         let cfg = AuthConfig {
             client_ca: Some("ca.pem".into()),
             require_client_cert: true,
             ..Default::default()
         };
         let a = Authenticator::new(&cfg, &["tok".into()]).unwrap();
-        assert_eq!(a.check(&HeaderMap::new(), true), AuthOutcome::Missing);
+        assert_eq!(a.check(&HeaderMap::new(), cert), AuthOutcome::Missing);
         assert_eq!(
-            a.check(&headers("proxy-authorization", "Bearer tok"), true),
-            AuthOutcome::Allowed
+            a.check(&headers("proxy-authorization", "Bearer tok"), cert),
+            anon
         );
         assert_eq!(
-            a.check(&headers("proxy-authorization", "Bearer tok"), false),
+            a.check(&headers("proxy-authorization", "Bearer tok"), None),
             AuthOutcome::Missing
+        );
+    }
+
+    #[test]
+    fn subscribers_come_from_the_token_or_the_client_certificate_never_the_credential() {
+        let cert_der = b"not really DER, only hashed";
+        let mut cfg = AuthConfig {
+            token_sha256: vec![TokenHash::of("alice"), TokenHash::of("bob")],
+            client_ca: Some("ca.pem".into()),
+            ..Default::default()
+        };
+        cfg.subscribers.tokens.insert(TokenHash::of("alice"), 7);
+        cfg.subscribers
+            .client_certs
+            .insert(TokenHash(Sha256::digest(cert_der).into()), 9);
+        let a = Authenticator::new(&cfg, &[]).unwrap();
+        assert_eq!(
+            a.check(&headers("proxy-authorization", "Bearer alice"), None),
+            AuthOutcome::Allowed(Subscriber(7))
+        );
+        assert_eq!(
+            a.check(&headers("proxy-authorization", "Bearer bob"), None),
+            AuthOutcome::Allowed(Subscriber::ANONYMOUS),
+            "an accepted token without a handle is anonymous"
+        );
+        let cert = a.client_cert_subscriber(cert_der);
+        assert_eq!(cert, Subscriber(9));
+        assert_eq!(
+            a.check(&HeaderMap::new(), Some(cert)),
+            AuthOutcome::Allowed(Subscriber(9))
+        );
+        assert_eq!(a.client_cert_subscriber(b"other"), Subscriber::ANONYMOUS);
+        assert_eq!(a.credentials_without_handle(), 1);
+        let mut handles: Vec<u32> = a.handles().collect();
+        handles.sort_unstable();
+        assert_eq!(handles, [7, 9]);
+        // A handle for a hash that is no accepted token authenticates nothing.
+        cfg.subscribers.tokens.insert(TokenHash::of("mallory"), 3);
+        let a = Authenticator::new(&cfg, &[]).unwrap();
+        assert_eq!(
+            a.check(&headers("proxy-authorization", "Bearer mallory"), None),
+            AuthOutcome::Invalid
         );
     }
 

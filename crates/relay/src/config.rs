@@ -88,6 +88,19 @@ pub struct AuthConfig {
     pub require_client_cert: bool,
     /// Accept every request unauthenticated. For tests and labs only.
     pub insecure_open_relay: bool,
+    /// Operator-assigned subscriber handles, sealed into egress addresses (`egress.sealing`).
+    pub subscribers: SubscribersConfig,
+}
+
+/// Subscriber handles per credential: never the credential itself, a number the operator's own
+/// records map to a customer. A credential without a handle is sealed as anonymous (handle 0).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscribersConfig {
+    /// SHA-256 of a bearer token → handle (≥ 1).
+    pub tokens: BTreeMap<TokenHash, u32>,
+    /// SHA-256 of a client certificate (DER, the leaf) → handle (≥ 1).
+    pub client_certs: BTreeMap<TokenHash, u32>,
 }
 
 /// Which destinations may be dialled, on top of the built-in deny list of reserved ranges.
@@ -413,6 +426,20 @@ impl RelayConfig {
         positive("timeouts.tcp_idle_secs", t.tcp_idle_secs)?;
         positive("timeouts.udp_idle_secs", t.udp_idle_secs)?;
         positive("timeouts.connection_idle_secs", t.connection_idle_secs)?;
+        for (key, map) in [
+            ("auth.subscribers.tokens", &self.auth.subscribers.tokens),
+            (
+                "auth.subscribers.client_certs",
+                &self.auth.subscribers.client_certs,
+            ),
+        ] {
+            if map.values().any(|&handle| handle == 0) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "handle 0 is reserved for anonymous tunnels; use 1 or more".into(),
+                });
+            }
+        }
         if self.auth.require_client_cert && self.auth.client_ca.is_none() {
             return Err(ConfigError::Invalid {
                 key: "auth.require_client_cert",
@@ -469,6 +496,30 @@ pub fn fuzz_config(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sealing_and_subscriber_keys_round_trip_and_name_the_key_at_fault() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/config_loader/sealing.toml"
+        ))
+        .unwrap();
+        let cfg = RelayConfig::from_toml(&text).unwrap();
+        assert!(cfg.egress.sealing);
+        assert_eq!(cfg.egress.instance_id, 2);
+        assert_eq!(
+            cfg.auth.subscribers.tokens.get(&TokenHash::of("test")),
+            Some(&1017)
+        );
+        assert_eq!(RelayConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        let err = RelayConfig::from_toml(
+            "[auth.subscribers.tokens]\n\"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\" = 0\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("auth.subscribers.tokens"), "{err}");
+        let err = RelayConfig::from_toml("[egress]\nsealing = true\n").unwrap_err();
+        assert!(err.to_string().contains("egress.sealing_key"), "{err}");
+    }
 
     #[test]
     fn defaults_are_valid_and_round_trip_through_toml() {

@@ -67,13 +67,14 @@ impl ActiveConnection {
         core: &Core,
         peer: SocketAddr,
         protocol: &'static str,
-        client_cert_verified: bool,
+        client_cert: Option<&[u8]>,
     ) -> Self {
         metrics::counter!(m::CONNECTIONS, "protocol" => protocol).increment(1);
         metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
-        tracing::info!(client = %peer, mtls = client_cert_verified, protocol, "connection opened");
+        let mtls = client_cert.is_some();
+        tracing::info!(client = %peer, mtls, protocol, "connection opened");
         Self {
-            client: Arc::new(core.client_conn(client_cert_verified)),
+            client: Arc::new(core.client_conn(client_cert)),
             peer,
             protocol,
         }

@@ -47,14 +47,12 @@ fn accept(ctx: &FrontCtx, incoming: quinn::Incoming) {
             }
         };
         // The verifier only lets a certificate through if it chains to `auth.client_ca`.
-        let verified = quic
-            .peer_identity()
-            .and_then(|id| {
-                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
-            .is_some_and(|chain| !chain.is_empty());
-        let conn = ActiveConnection::open(&ctx.core, quic.remote_address(), "h3", verified);
+        let chain = quic.peer_identity().and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        });
+        let leaf = chain.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
+        let conn = ActiveConnection::open(&ctx.core, quic.remote_address(), "h3", leaf);
         http3::serve_connection(&ctx, quic, conn.client.clone()).await;
     });
 }

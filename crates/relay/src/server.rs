@@ -28,6 +28,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("TLS configuration unusable for QUIC: {0}")]
     QuicTls(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("egress.sealing_key: {0}")]
+    Sealing(#[from] cfr_egress::seal::SealError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -81,7 +83,7 @@ impl Relay {
         config.validate()?;
         let auth = Authenticator::new(&config.auth, extra_tokens)?;
         let mut policy = DestinationPolicy::new(&config.policy);
-        let egress = cfr_egress::EgressPool::new(&config.egress).map_err(ConfigError::Egress)?;
+        let egress = sealed_pool(&config, &auth)?;
         for net in egress.prefixes() {
             policy.add_own_net(*net);
         }
@@ -179,6 +181,16 @@ impl Relay {
                 front.accept_loop(&ctx).await;
             }
         };
+        // An idle relay still erases expired sealing keys on time.
+        if let Some(sealer) = core.egress.sealer().cloned() {
+            let shutdown = ctx.shutdown.clone();
+            ctx.tasks.spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = sealer.erase_on_schedule() => {}
+                }
+            });
+        }
         tokio::join!(quic_front::accept_loop(&endpoint, &ctx), tcp_front);
         let FrontCtx { closed, tasks, .. } = ctx;
         metrics::gauge!(m::DRAINING).set(1.0);
@@ -199,6 +211,37 @@ impl Relay {
         metrics::gauge!(m::DRAINING).set(0.0);
         tracing::info!("relay stopped");
     }
+}
+
+/// The egress pool, sealing addresses when `egress.sealing` is on: reads the key file (the master
+/// key, if given, is erased once the relay's chain key is derived), checks every prefix has the host
+/// bits the sealed plaintext needs and every subscriber handle fits the key's handle bits.
+fn sealed_pool(
+    config: &RelayConfig,
+    auth: &Authenticator,
+) -> Result<cfr_egress::EgressPool, StartError> {
+    let sealer = cfr_egress::Sealer::from_config(&config.egress, cfr_egress::seal::unix_now())?;
+    if let Some(s) = &sealer {
+        let max = s.params().max_handle();
+        if auth.handles().any(|h| h > max) {
+            return Err(ConfigError::Invalid {
+                key: "auth.subscribers",
+                message: format!(
+                    "handles must be at most {max} ({} handle bits in the sealing key)",
+                    s.params().handle_bits
+                ),
+            }
+            .into());
+        }
+        let anonymous = auth.credentials_without_handle();
+        if anonymous > 0 {
+            tracing::warn!(
+                tokens = anonymous,
+                "egress sealing is on but some accepted tokens have no auth.subscribers handle: their tunnels are sealed as anonymous"
+            );
+        }
+    }
+    Ok(cfr_egress::EgressPool::with_sealer(&config.egress, sealer).map_err(ConfigError::Egress)?)
 }
 
 /// Binds the QUIC endpoint and, unless disabled, the TCP listener. Without `listen_tcp` the TCP

@@ -101,13 +101,14 @@ async fn serve_connection(ctx: FrontCtx, acceptor: TlsAcceptor, tcp: TcpStream, 
     };
     let session = tls.get_ref().1;
     // The verifier only lets a certificate through if it chains to `auth.client_ca`.
-    let verified = session
+    let leaf = session
         .peer_certificates()
-        .is_some_and(|chain| !chain.is_empty());
+        .and_then(|chain| chain.first())
+        .map(|c| c.as_ref());
     // No ALPN at all: an HTTP/1.1 client (RFC 7301 §3.2 leaves the choice to the server).
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
     let protocol = if h2 { "h2" } else { "http/1.1" };
-    let conn = ActiveConnection::open(&ctx.core, peer, protocol, verified);
+    let conn = ActiveConnection::open(&ctx.core, peer, protocol, leaf);
     let client = conn.client.clone();
     // The rest of the handshake budget covers the HTTP/2 preface and SETTINGS.
     let left = handshake.saturating_sub(started.elapsed());

@@ -80,7 +80,7 @@ impl std::fmt::Display for PortRange {
 }
 
 /// The SHA-256 of a bearer token, written as 64 hex digits; the relay never stores tokens.
-#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct TokenHash(pub [u8; 32]);
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cfr_egress::{ConnectionEgress, EgressPool};
+use cfr_egress::{ConnectionEgress, EgressPool, Subscriber};
 use cfr_proto::{Host, ProxyError, Target};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -89,6 +89,8 @@ pub struct ClientConn {
     tunnel_slots: Arc<Semaphore>,
     /// The TLS layer verified a client certificate (mTLS).
     pub client_cert_verified: bool,
+    /// The subscriber that certificate stands for (`auth.subscribers.client_certs`).
+    client_cert: Option<Subscriber>,
 }
 
 /// Proof that a tunnel fits the limits; released when the tunnel ends.
@@ -141,25 +143,28 @@ impl Core {
         }
     }
 
-    /// State for a new client connection.
-    pub fn client_conn(&self, client_cert_verified: bool) -> ClientConn {
+    /// State for a new client connection. `client_cert`: the leaf (DER) of the client certificate
+    /// the TLS layer verified, if any.
+    pub fn client_conn(&self, client_cert: Option<&[u8]>) -> ClientConn {
         ClientConn {
             egress: self.egress.connection(),
             tunnel_slots: Arc::new(Semaphore::new(
                 self.config.limits.tunnels_per_connection as usize,
             )),
-            client_cert_verified,
+            client_cert_verified: client_cert.is_some(),
+            client_cert: client_cert.map(|der| self.auth.client_cert_subscriber(der)),
         }
     }
 
-    /// Authentication first: nothing else happens for an unauthenticated request.
+    /// Authentication first: nothing else happens for an unauthenticated request. The subscriber
+    /// only ever reaches the egress seal: never a log line, metric or header.
     pub fn authenticate(
         &self,
         headers: &http::HeaderMap,
         conn: &ClientConn,
-    ) -> Result<(), TunnelError> {
-        match self.auth.check(headers, conn.client_cert_verified) {
-            AuthOutcome::Allowed => Ok(()),
+    ) -> Result<Subscriber, TunnelError> {
+        match self.auth.check(headers, conn.client_cert) {
+            AuthOutcome::Allowed(subscriber) => Ok(subscriber),
             outcome => {
                 metrics::counter!(m::AUTH_FAILURES).increment(1);
                 self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -263,10 +268,11 @@ impl Core {
     pub async fn open_tcp(
         &self,
         conn: &ClientConn,
+        subscriber: Subscriber,
         target: &Target,
     ) -> Result<TcpStream, TunnelError> {
         let timeout = Duration::from_secs(self.config.timeouts.connect_secs);
-        self.dial(conn, target, |source, dest| async move {
+        self.dial(conn, subscriber, target, |source, dest| async move {
             match tokio::time::timeout(timeout, cfr_egress::connect_tcp(source, dest)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
@@ -291,9 +297,10 @@ impl Core {
     pub async fn open_udp(
         &self,
         conn: &ClientConn,
+        subscriber: Subscriber,
         target: &Target,
     ) -> Result<UdpSocket, TunnelError> {
-        self.dial(conn, target, |source, dest| async move {
+        self.dial(conn, subscriber, target, |source, dest| async move {
             cfr_egress::bind_udp(source, dest).map_err(|e| connect_error(&e))
         })
         .await
@@ -304,6 +311,7 @@ impl Core {
     async fn dial<T, F, Fut>(
         &self,
         conn: &ClientConn,
+        subscriber: Subscriber,
         target: &Target,
         open: F,
     ) -> Result<T, TunnelError>
@@ -318,7 +326,7 @@ impl Core {
         );
         for dest in addrs {
             // The source is fixed here, once, for the tunnel's whole life.
-            let source = match conn.egress.source_for(dest.ip()) {
+            let source = match conn.egress.source_for_subscriber(dest.ip(), subscriber) {
                 Ok(s) => s,
                 Err(_) => {
                     last = TunnelError::new(

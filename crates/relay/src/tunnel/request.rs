@@ -102,8 +102,10 @@ pub async fn serve_request<E: Exchange>(
     core.request_seen(exchange.protocol());
     let request = core
         .authenticate(&head.headers, conn)
-        .and_then(|()| classify(&head.method, protocol, &head.uri, &core.udp_template));
-    let request = match request {
+        .and_then(|subscriber| {
+            classify(&head.method, protocol, &head.uri, &core.udp_template).map(|r| (subscriber, r))
+        });
+    let (subscriber, request) = match request {
         Ok(r) => r,
         Err(err) => {
             let kind = if protocol.is_some() {
@@ -123,7 +125,7 @@ pub async fn serve_request<E: Exchange>(
     let target = request.target;
     match kind {
         TunnelKind::Tcp => {
-            let tcp = match core.open_tcp(conn, &target).await {
+            let tcp = match core.open_tcp(conn, subscriber, &target).await {
                 Ok(t) => t,
                 Err(err) => return refuse(id, kind, Some(&target), err, exchange).await,
             };
@@ -135,7 +137,7 @@ pub async fn serve_request<E: Exchange>(
             log_tunnel_end(&id, kind, &target, 200, &stats, started);
         }
         TunnelKind::Udp => {
-            let sock = match core.open_udp(conn, &target).await {
+            let sock = match core.open_udp(conn, subscriber, &target).await {
                 Ok(s) => s,
                 Err(err) => return refuse(id, kind, Some(&target), err, exchange).await,
             };
