@@ -143,6 +143,11 @@ pub struct LimitsConfig {
     pub datagram_queue: usize,
     /// Concurrent DNS lookups.
     pub dns_concurrency: u32,
+
+    // Hostile-load hardening (issue 17).
+    /// Largest request header section accepted on every front-end (HTTP/1.1 head bytes, HTTP/2
+    /// header list, HTTP/3 field section); larger → 431 on that request only.
+    pub max_request_head_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -155,6 +160,7 @@ impl Default for LimitsConfig {
             tcp_buffer_bytes: 64 * 1024,
             datagram_queue: 512,
             dns_concurrency: 64,
+            max_request_head_bytes: 16 * 1024,
         }
     }
 }
@@ -417,6 +423,12 @@ impl RelayConfig {
             return Err(ConfigError::Invalid {
                 key: "limits.tcp_buffer_bytes",
                 message: "must be between 1024 and 16777216".into(),
+            });
+        }
+        if !(1024..=1024 * 1024).contains(&l.max_request_head_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_request_head_bytes",
+                message: "must be between 1024 and 1048576".into(),
             });
         }
         let t = &self.timeouts;

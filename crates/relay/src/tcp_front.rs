@@ -110,11 +110,12 @@ async fn serve_connection(ctx: FrontCtx, acceptor: TlsAcceptor, tcp: TcpStream, 
     let protocol = if h2 { "h2" } else { "http/1.1" };
     let conn = ActiveConnection::open(&ctx.core, peer, protocol, leaf);
     let client = conn.client.clone();
-    // The rest of the handshake budget covers the HTTP/2 preface and SETTINGS.
+    // The rest of the handshake budget covers the HTTP/2 preface and SETTINGS, or the first
+    // HTTP/1.1 request head.
     let left = handshake.saturating_sub(started.elapsed());
     if h2 {
         http2::serve_connection(ctx, tls, client, left).await;
     } else {
-        http1::serve_connection(ctx, tls, client).await;
+        http1::serve_connection(ctx, tls, client, left).await;
     }
 }
