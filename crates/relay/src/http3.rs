@@ -87,8 +87,28 @@ pub(crate) async fn serve_connection(
     // instead of idling until the client hangs up or the grace period runs out.
     let requests = TaskTracker::new();
     let mut draining = false;
+    // A connection with no request for `connection_idle_secs` is closed whatever the client
+    // sends: QUIC's own idle timeout is reset by every packet, so a client sending a PING now and
+    // then would hold its client-table slot forever (as on HTTP/2 and HTTP/1.1).
+    let idle = Duration::from_secs(core.config.timeouts.connection_idle_secs);
+    let mut idle_since = tokio::time::Instant::now();
+    let mut idle_check = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     loop {
         tokio::select! {
+            _ = idle_check.tick(), if !draining => {
+                if !requests.is_empty() {
+                    idle_since = tokio::time::Instant::now();
+                } else if idle_since.elapsed() >= idle {
+                    core.counters
+                        .idle_connections_closed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics::counter!(m::DROPS, "reason" => "connection_idle").increment(1);
+                    // RFC 9114 §5.2: GOAWAY, then close with H3_NO_ERROR.
+                    let _ = h3.shutdown(0).await;
+                    quic.close(quinn::VarInt::from_u32(0x100), b"idle");
+                    break;
+                }
+            }
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 //= https://www.rfc-editor.org/rfc/rfc9114#section-5.2

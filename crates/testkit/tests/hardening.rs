@@ -1,12 +1,21 @@
 //! Hardening under hostile load (issue 17), end to end on loopback: raw bytes an attacker would
 //! send, checked by the status the relay answers and by what the destination received.
-use cfr_testkit::origins::RecordingTcp;
-use cfr_testkit::relay::TestRelay;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cfr_relay::tunnel::RelayCounters;
+use cfr_testkit::origins::{ring_provider, RecordingTcp, TcpEcho};
+use cfr_testkit::relay::{target, TestRelay};
 use cfr_testkit::tcp_client::tls_connect;
-use cfr_testkit::tunnels::{lo, LIMIT};
+use cfr_testkit::tunnels::{lo, tcp_roundtrip, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+fn count(c: &AtomicU64) -> u64 {
+    RelayCounters::get(c)
+}
 
 // ---------------------------------------------------------------------------------------------
 // HTTP/1.1 CONNECT strictness
@@ -285,4 +294,158 @@ async fn h1_keep_alive_after_407_serves_the_next_request_then_idles_out() {
         idle.closed().await,
         "an idle keep-alive connection is closed (within {LIMIT:?})"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// QUIC admission: idle connections, per-prefix limits, handshake rate and Retry, drain refusal
+// ---------------------------------------------------------------------------------------------
+
+/// A bare QUIC client (ALPN h3, trusting the relay's CA) bound to `bind`, sending a PING every
+/// `keep_alive` if set. It never opens a request stream.
+fn quic_endpoint(relay: &TestRelay, bind: &str, keep_alive: Option<Duration>) -> quinn::Endpoint {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in cfr_relay::tls::load_certs(&relay.ca_pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(ring_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(keep_alive);
+    // Longer than any bound below: a refusal must come from the relay, not from our timeout.
+    transport.max_idle_timeout(Some(Duration::from_secs(120).try_into().unwrap()));
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client(format!("{bind}:0").parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(cfg);
+    endpoint
+}
+
+async fn quic_connect(
+    endpoint: &quinn::Endpoint,
+    relay: &TestRelay,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let connecting = endpoint.connect(relay.addr, "localhost").unwrap();
+    tokio::time::timeout(LIMIT, connecting)
+        .await
+        .expect("the relay answers a handshake within the limit")
+}
+
+/// CONNECTION_REFUSED (RFC 9000 §20.1), what quinn's `Incoming::refuse` sends.
+fn is_refused(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+}
+
+#[tokio::test]
+async fn quic_connection_without_tunnels_is_closed_despite_pings() {
+    let relay = TestRelay::start_with(|c| c.timeouts.connection_idle_secs = 1).await;
+    // PINGs every 200 ms reset QUIC's idle timer (1 s here) on both sides.
+    let endpoint = quic_endpoint(&relay, "127.0.0.1", Some(Duration::from_millis(200)));
+    let conn = quic_connect(&endpoint, &relay).await.expect("handshake");
+    let reason = tokio::time::timeout(LIMIT, conn.closed())
+        .await
+        .expect("a connection with no tunnel is closed by the relay within the limit");
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(0x100)),
+        "closed by the relay with H3_NO_ERROR, got {reason:?}"
+    );
+    assert_eq!(count(&relay.core().counters.idle_connections_closed), 1);
+}
+
+#[tokio::test]
+async fn connections_per_client_count_the_source_prefix() {
+    let relay = TestRelay::start_with(|c| {
+        c.limits.connections_per_client = 2;
+        c.limits.client_prefix_v4 = 24;
+    })
+    .await;
+    let a = quic_endpoint(&relay, "127.0.0.1", None);
+    let b = quic_endpoint(&relay, "127.0.0.2", None);
+    let c = quic_endpoint(&relay, "127.0.0.3", None);
+    let _first = quic_connect(&a, &relay).await.expect("first of the /24");
+    let _second = quic_connect(&b, &relay).await.expect("second of the /24");
+    let third = quic_connect(&c, &relay).await;
+    assert!(
+        third.as_ref().is_err_and(is_refused),
+        "a third address of the same /24 shares the two slots: {third:?}"
+    );
+    let other = quic_endpoint(&relay, "127.0.1.1", None);
+    quic_connect(&other, &relay)
+        .await
+        .expect("another /24 is another client");
+}
+
+#[tokio::test]
+async fn handshake_rate_per_client_asks_for_retry_then_refuses_and_recovers() {
+    let relay = TestRelay::start_with(|c| c.limits.handshakes_per_sec_per_client = 1).await;
+    let endpoint = quic_endpoint(&relay, "127.0.0.1", None);
+    // Six handshakes at once against a bucket of one: however slow the machine, the bucket
+    // cannot refill fast enough for all of them.
+    let attempts =
+        futures_util::future::join_all((0..6).map(|_| quic_connect(&endpoint, &relay))).await;
+    let accepted = attempts.iter().filter(|a| a.is_ok()).count();
+    let refused = attempts
+        .iter()
+        .filter(|a| a.as_ref().is_err_and(is_refused))
+        .count();
+    assert!(
+        accepted >= 1 && refused >= 1 && accepted + refused == attempts.len(),
+        "some handshakes within the rate, the rest refused: {attempts:?}"
+    );
+    assert!(
+        count(&relay.core().counters.quic_retries) >= refused as u64,
+        "every over-rate Initial was first asked to validate its address"
+    );
+    // The bucket refills at one handshake a second.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        match quic_connect(&endpoint, &relay).await {
+            Ok(_) => break,
+            Err(e) if is_refused(&e) && tokio::time::Instant::now() < deadline => {
+                // Polling a condition with a bounded deadline (the refill is time-based).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the handshake rate recovers within {LIMIT:?}: {e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn under_handshake_load_unvalidated_initials_get_a_retry_and_real_clients_still_connect() {
+    // Every handshake counts as "many half-open": each new address must validate first.
+    let relay = TestRelay::start_with(|c| c.limits.half_open_before_retry = 0).await;
+    let echo = TcpEcho::start(lo()).await;
+    let client = relay.client().await;
+    tcp_roundtrip(&client, &target(echo.addr()), b"after a Retry").await;
+    assert!(
+        count(&relay.core().counters.quic_retries) >= 1,
+        "the client's first Initial got a Retry"
+    );
+}
+
+#[tokio::test]
+async fn new_quic_connections_during_a_drain_are_refused_at_once() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.drain_secs = 30).await;
+    let client = relay.client().await;
+    // An open tunnel keeps the drain in its grace period.
+    let _tunnel = client.connect_tcp(&target(echo.addr())).await.unwrap();
+    relay.handle().shutdown();
+    let endpoint = quic_endpoint(&relay, "127.0.0.1", None);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let attempt = quic_connect(&endpoint, &relay).await;
+        match attempt {
+            Err(e) if is_refused(&e) => break,
+            // The drain may not have started yet when the first attempt arrives.
+            Ok(_) if tokio::time::Instant::now() < deadline => {}
+            other => panic!("a draining relay refuses with CONNECTION_CLOSE: {other:?}"),
+        }
+    }
 }

@@ -44,6 +44,10 @@ pub struct RelayCounters {
     pub policy_refusals: AtomicU64,
     /// UDP payloads dropped for any reason (full queues, unknown context IDs, send errors).
     pub datagram_drops: AtomicU64,
+    /// QUIC Initials answered with a Retry (address validation under load).
+    pub quic_retries: AtomicU64,
+    /// Client connections closed for holding no tunnel for `timeouts.connection_idle_secs`.
+    pub idle_connections_closed: AtomicU64,
 }
 
 impl RelayCounters {
