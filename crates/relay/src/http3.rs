@@ -144,12 +144,16 @@ pub(crate) async fn serve_connection(
                         // RFC 9114 §10.5: bound how long a request stream may sit without a
                         // complete header section (opening stream N implicitly opens all below it).
                         let header_wait = core.config.handshake_timeout();
-                        let resolved = match tokio::time::timeout(header_wait, resolver.resolve_request()).await {
-                            Ok(r) => r,
-                            Err(_) => {
-                                metrics::counter!(m::DROPS, "reason" => "request_header_timeout").increment(1);
-                                return;
-                            }
+                        let mut resolver = resolver;
+                        let first_frame = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
+                        let Ok(first_frame) = tokio::time::timeout(header_wait, first_frame).await else {
+                            metrics::counter!(m::DROPS, "reason" => "request_header_timeout").increment(1);
+                            abort_incomplete_request(&mut resolver.frame_stream);
+                            return;
+                        };
+                        let resolved = match resolver.accept_with_frame(first_frame) {
+                            Ok(request) => request.resolve().await,
+                            Err(e) => Err(e),
                         };
                         let (req, stream) = match resolved {
                             Ok(r) => r,
@@ -201,6 +205,20 @@ async fn send_whole_response(
     if let Err(e) = sent.await {
         tracing::debug!(error = %e, "response not delivered");
     }
+}
+
+/// Gives up on a request stream whose header section did not arrive in time: the response side
+/// is reset with H3_REQUEST_INCOMPLETE, which tells the client why.
+///
+/// The receive side can only be stopped with code 0 (quinn's drop): h3-quinn 0.0.10 moves the
+/// QUIC receive stream into the read that is pending on the stalled head, and its
+/// `stop_sending` unwraps the stream it no longer holds.
+fn abort_incomplete_request<S: h3::quic::SendStream<Bytes>>(stream: &mut S) {
+    //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1.1
+    //# If a client-initiated stream terminates without enough of the HTTP message to provide a
+    //# complete response, the server SHOULD abort its response stream with the error code
+    //# H3_REQUEST_INCOMPLETE.
+    stream.reset(Code::H3_REQUEST_INCOMPLETE.value());
 }
 
 /// Routes incoming QUIC DATAGRAM frames to their tunnel by quarter stream ID (RFC 9297 §2.1).

@@ -449,3 +449,66 @@ async fn new_quic_connections_during_a_drain_are_refused_at_once() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Stream credit and stalled request heads on HTTP/3
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_request_beyond_the_tunnel_limit_gets_a_prompt_503() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.limits.tunnels_per_connection = 4).await;
+    let client = relay.client().await;
+    let t = target(echo.addr());
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(client.connect_tcp(&t).await.expect("within the limit"));
+    }
+    // Far more requests than the stream credit above the limit (limit + 16): each must still be
+    // answered, because every refused stream is closed and its credit returned.
+    let beyond = futures_util::future::join_all(
+        (0..60).map(|_| async { tokio::time::timeout(LIMIT, client.connect_tcp(&t)).await }),
+    )
+    .await;
+    let answers: Vec<String> = beyond
+        .iter()
+        .map(|r| match r {
+            Err(_) => "no answer".to_owned(),
+            Ok(Ok(_)) => "opened".to_owned(),
+            Ok(Err(e)) => format!("{:?} {:?}", e.status().map(|s| s.as_u16()), e.proxy_error()),
+        })
+        .collect();
+    assert!(
+        answers
+            .iter()
+            .all(|a| a == "Some(503) Some(ConnectionLimitReached)"),
+        "every request beyond the limit gets 503 connection_limit_reached: {answers:?}"
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_stalled_request_head_gets_its_response_side_reset_with_h3_request_incomplete() {
+    let relay = TestRelay::start_with(|c| c.timeouts.handshake_secs = 1).await;
+    let client = relay.client().await;
+    // Borrow the client's QUIC connection through a raw (refused) request.
+    let req = http::Request::builder()
+        .method(http::Method::GET)
+        .uri("https://localhost/")
+        .body(())
+        .unwrap();
+    let raw = client.send_request(req).await.unwrap();
+    // The start of a HEADERS frame (type 0x01, length 16) and nothing more.
+    let (mut send, mut recv) = raw.quic.open_bi().await.unwrap();
+    send.write_all(&[0x01, 0x10]).await.unwrap();
+    let incomplete = quinn::VarInt::from_u32(0x10d);
+    // STOP_SENDING still carries code 0 (h3-quinn cannot stop a stream with a read pending;
+    // see http3::abort_incomplete_request), so only the response side is checked.
+    let read = tokio::time::timeout(LIMIT, recv.read_to_end(1024))
+        .await
+        .expect("the response side ends too");
+    assert!(
+        matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == incomplete),
+        "the response stream is reset with H3_REQUEST_INCOMPLETE: {read:?}"
+    );
+}
