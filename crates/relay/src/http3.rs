@@ -71,7 +71,8 @@ pub(crate) async fn serve_connection(
     let mut h3 = match h3::server::builder()
         .enable_extended_connect(true)
         .enable_datagram(true)
-        .max_field_section_size(16 * 1024)
+        // The same limit as every front-end; h3 answers 431 on the one stream beyond it.
+        .max_field_section_size(core.config.limits.max_request_head_bytes as u64)
         .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
         .await
     {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use cfr_relay::tunnel::RelayCounters;
 use cfr_testkit::origins::{ring_provider, RecordingTcp, TcpEcho};
 use cfr_testkit::relay::{target, TestRelay};
-use cfr_testkit::tcp_client::tls_connect;
+use cfr_testkit::tcp_client::{tls_connect, Ask, H2Conn};
 use cfr_testkit::tunnels::{lo, tcp_roundtrip, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -510,5 +510,57 @@ async fn a_stalled_request_head_gets_its_response_side_reset_with_h3_request_inc
     assert!(
         matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == incomplete),
         "the response stream is reset with H3_REQUEST_INCOMPLETE: {read:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// One header-section limit on every front-end
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_oversized_h2_header_section_is_431_on_that_stream_only() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = relay().await;
+    let h2 = H2Conn::connect(relay.tcp_addr.unwrap(), &relay.ca_pem)
+        .await
+        .expect("HTTP/2 connection");
+    let ask = Ask::tcp(echo.addr());
+    let (_, open) = h2.request(&ask, Some(&relay.token)).await.unwrap();
+    let mut open = open.expect("a tunnel opens before the oversized request");
+    // The same 64 KiB field HTTP/1.1 answers with 431 (h1_oversized_head_is_431).
+    let mut big = http::HeaderMap::new();
+    big.insert("x-filler", "a".repeat(64 * 1024).parse().unwrap());
+    let (head, tunnel) = h2
+        .request_with_headers(&ask, Some(&relay.token), big)
+        .await
+        .expect("an answer on the stream, not a GOAWAY");
+    assert_eq!(head.status.as_u16(), 431);
+    assert!(tunnel.is_none());
+    let proxy_status = head
+        .headers
+        .get("proxy-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        proxy_status.contains("error=http_request_error"),
+        "{proxy_status:?}"
+    );
+    // The tunnel next to it and the connection carry on.
+    open.send(bytes::Bytes::from_static(b"still here"), true)
+        .unwrap();
+    let mut back = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(LIMIT, open.recv())
+        .await
+        .expect("echo within the limit")
+        .expect("the open tunnel was not reset")
+    {
+        back.extend_from_slice(&chunk);
+    }
+    assert_eq!(back, b"still here");
+    let (head, _) = h2.request(&ask, Some(&relay.token)).await.unwrap();
+    assert_eq!(
+        head.status.as_u16(),
+        200,
+        "a new request on the same connection"
     );
 }
