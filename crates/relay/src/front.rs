@@ -51,7 +51,7 @@ impl FrontCtx {
             clients: Arc::new(clients),
             handshakes: Arc::new(handshakes),
             shutdown: CancellationToken::new(),
-            closed: CancellationToken::new(),
+            closed: core.grace_over.clone(),
             tasks: TaskTracker::new(),
             alt_svc: HeaderValue::from_str(&format!("h3=\":{quic_port}\""))
                 .expect("digits are a valid header value"),

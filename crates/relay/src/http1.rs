@@ -7,9 +7,10 @@
 //! A head the relay refuses as malformed ends the connection after the 400/431; a well-formed
 //! refused request (407, 403, 503, ...) keeps it alive for the next request.
 //!
-//! HTTP/1.1 has no stream reset: an aborted tunnel closes the connection without TLS
-//! close_notify, which the client sees as a truncated (not cleanly finished) stream.
+//! HTTP/1.1 has no stream reset: an aborted tunnel (destination reset, drain, ...) ends the
+//! connection with a TCP RST, never with a FIN a client could take for the end of the stream.
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,17 +115,21 @@ pub(crate) async fn serve_connection(
                 continue;
             }
         }
+        let reset = Arc::new(AtomicBool::new(false));
         let exchange = H1Exchange {
             conn: &mut conn,
             ctx: &ctx,
             upgrade_udp: protocol.is_some(),
+            reset: reset.clone(),
         };
+        // Biased: once the grace period is over an open tunnel ends itself (outcome `drained`,
+        // reset below); only a request still being dialled is cut here.
         let cut = tokio::select! {
+            biased;
             _ = serve_request(&ctx.core, &client, &parts, protocol, exchange) => false,
             _ = ctx.closed.cancelled() => true,
         };
-        if cut {
-            // Grace period over with the tunnel still open.
+        if cut || reset.load(Ordering::Relaxed) {
             return abort_connection(conn.io);
         }
         if conn.upgraded || ctx.shutdown.is_cancelled() {
@@ -276,6 +281,8 @@ struct H1Exchange<'a> {
     conn: &'a mut H1Conn,
     ctx: &'a FrontCtx,
     upgrade_udp: bool,
+    /// Set when the tunnel is reset: the connection then ends with a TCP RST.
+    reset: Arc<AtomicBool>,
 }
 
 impl<'a> Exchange for H1Exchange<'a> {
@@ -317,7 +324,10 @@ impl<'a> Exchange for H1Exchange<'a> {
                 inner: r,
                 buf: early,
             },
-            H1Send { inner: w },
+            H1Send {
+                inner: w,
+                reset: self.reset,
+            },
         )))
     }
 
@@ -361,6 +371,7 @@ impl TunnelRecv for H1Recv<'_> {
 
 pub(crate) struct H1Send<'a> {
     inner: WriteHalf<&'a mut Tls>,
+    reset: Arc<AtomicBool>,
 }
 
 impl TunnelSend for H1Send<'_> {
@@ -375,7 +386,8 @@ impl TunnelSend for H1Send<'_> {
     }
 
     fn reset(&mut self, _why: Abort) {
-        // HTTP/1.1 has no reset code. Ending the tunnel without `finish` closes the TCP
-        // connection with no close_notify: the client sees a truncated stream, not a clean end.
+        // HTTP/1.1 has no reset code: the connection ends with a TCP RST once the tunnel is
+        // over (`abort_connection`), which no client mistakes for a finished stream.
+        self.reset.store(true, Ordering::Relaxed);
     }
 }

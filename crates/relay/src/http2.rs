@@ -126,7 +126,10 @@ pub(crate) async fn serve_connection<IO>(
                             body,
                             alt_svc: ctx2.alt_svc.clone(),
                         };
+                        // Biased: once the grace period is over an open tunnel ends itself with a
+                        // reset (outcome `drained`); only a request still being dialled is dropped.
                         tokio::select! {
+                            biased;
                             _ = serve_request(&ctx2.core, &client, &head, protocol.as_deref(), exchange) => {}
                             _ = ctx2.closed.cancelled() => {}
                         }

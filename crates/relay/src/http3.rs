@@ -132,6 +132,11 @@ pub(crate) async fn serve_connection(
                 //# An endpoint that completes a
                 //# graceful shutdown SHOULD use the H3_NO_ERROR error code when closing
                 //# the connection.
+                // Closing discards what is not yet sent, so first give the last FINs and
+                // resets a few round trips to go out (the client usually closes first, having no
+                // request left).
+                let linger = (quic.rtt() * 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                let _ = tokio::time::timeout(linger, quic.closed()).await;
                 quic.close(quinn::VarInt::from_u32(0x100), b"shutdown");
                 break;
             }

@@ -204,7 +204,11 @@ impl Relay {
         tasks.close();
         let grace_over = async {
             if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-                tracing::warn!("drain grace period over; closing remaining tunnels");
+                tracing::warn!("drain grace period over; resetting remaining tunnels");
+                closed.cancel();
+                // Every open tunnel now resets its client stream (outcome `drained`) and its
+                // connection closes once the resets are out; this bounds the stragglers.
+                let _ = tokio::time::timeout(CLOSE_LINGER, tasks.wait()).await;
             }
             closed.cancel();
         };
@@ -259,6 +263,9 @@ fn sealed_pool(
     }
     Ok(cfr_egress::EgressPool::with_sealer(&config.egress, sealer).map_err(ConfigError::Egress)?)
 }
+
+/// How long connections get after the grace period to deliver their tunnels' resets and close.
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Binds the QUIC endpoint and, unless disabled, the TCP listener. Without `listen_tcp` the TCP
 /// listener takes the QUIC socket's port number; when `listen` asks for an ephemeral port and that

@@ -75,9 +75,15 @@ impl TcpFront {
         ctx.tasks.clone().spawn(async move {
             let _slot = slot;
             let closed = ctx.closed.clone();
+            // When the grace period ends, the connection's tunnels reset themselves (outcome
+            // `drained`); the connection gets a moment to send those resets before it is dropped.
             tokio::select! {
+                biased;
                 _ = serve_connection(ctx, acceptor, tcp, peer) => {}
-                _ = closed.cancelled() => {}
+                _ = async {
+                    closed.cancelled().await;
+                    tokio::time::sleep(crate::server::CLOSE_LINGER).await;
+                } => {}
             }
         });
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use cfr_relay::tunnel::RelayCounters;
 use cfr_testkit::origins::{ring_provider, RecordingTcp, TcpEcho};
 use cfr_testkit::relay::{target, TestRelay};
-use cfr_testkit::tcp_client::{tls_connect, Ask, H2Conn};
+use cfr_testkit::tcp_client::{h2_reason, tls_connect, Ask, H2Conn};
 use cfr_testkit::tunnels::{lo, tcp_roundtrip, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -562,5 +562,123 @@ async fn an_oversized_h2_header_section_is_431_on_that_stream_only() {
         head.status.as_u16(),
         200,
         "a new request on the same connection"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Honest drain
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_h1_tunnel_cut_by_the_drain_ends_with_a_tcp_reset() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.drain_secs = 1).await;
+    let target = format!("127.0.0.1:{}", echo.addr().port());
+    let mut c = RawH1::connect(&relay).await;
+    let request = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{}\r\nping",
+        bearer(&relay)
+    );
+    c.send(request.as_bytes()).await;
+    assert_eq!(c.head().await.expect("a response").status, 200);
+    relay.handle().shutdown();
+    // The tunnel stays open (no FIN from us); the grace period ends after 1 s.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let ending = loop {
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout_at(deadline, c.tls.read(&mut buf))
+            .await
+            .expect("the drain ends the tunnel within the limit")
+        {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    let err = ending.expect_err("a tunnel cut by the drain must not end like a finished one");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "TCP RST, not a FIN without close_notify: {err}"
+    );
+    assert_eq!(count(&relay.core().counters.tunnels_drained), 1);
+}
+
+#[tokio::test]
+async fn an_h3_tunnel_cut_by_the_drain_is_reset_with_h3_connect_error() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.drain_secs = 1).await;
+    let client = relay.client().await;
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("127.0.0.1:{}", echo.addr().port()))
+        .header("proxy-authorization", format!("Bearer {}", relay.token))
+        .body(())
+        .unwrap();
+    let mut raw = client.send_request(req).await.expect("tunnel opens");
+    assert_eq!(raw.response.status(), 200);
+    relay.handle().shutdown();
+    let read = tokio::time::timeout(LIMIT, raw.stream.recv_data())
+        .await
+        .expect("the drain ends the tunnel within the limit");
+    match read {
+        Err(h3::error::StreamError::RemoteTerminate { code }) => assert_eq!(
+            code,
+            h3::error::Code::H3_CONNECT_ERROR,
+            "the tunnel stream is reset with H3_CONNECT_ERROR"
+        ),
+        other => panic!(
+            "a tunnel cut by the drain is reset, not closed with the connection: {:?}",
+            other.map(|d| d.is_some())
+        ),
+    }
+    assert_eq!(count(&relay.core().counters.tunnels_drained), 1);
+}
+
+#[tokio::test]
+async fn an_h3_tunnel_finishing_during_the_drain_gets_every_byte_and_its_fin() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.drain_secs = 10).await;
+    let client = relay.client().await;
+    let mut tunnel = client.connect_tcp(&target(echo.addr())).await.unwrap();
+    relay.handle().shutdown();
+    let data = vec![7u8; 256 * 1024];
+    tunnel.write_all(&data).await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(LIMIT, tunnel.read_to_end(&mut back))
+        .await
+        .expect("echo within the limit")
+        .expect("a clean end (FIN), not a reset or a closed connection");
+    assert!(
+        back == data,
+        "every byte comes back ({} of {})",
+        back.len(),
+        data.len()
+    );
+    assert_eq!(count(&relay.core().counters.tunnels_drained), 0);
+}
+
+#[tokio::test]
+async fn an_h2_tunnel_cut_by_the_drain_is_reset_with_connect_error() {
+    let echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.drain_secs = 1).await;
+    let h2 = H2Conn::connect(relay.tcp_addr.unwrap(), &relay.ca_pem)
+        .await
+        .unwrap();
+    let (_, open) = h2
+        .request(&Ask::tcp(echo.addr()), Some(&relay.token))
+        .await
+        .unwrap();
+    let mut open = open.expect("tunnel opens");
+    relay.handle().shutdown();
+    let read = tokio::time::timeout(LIMIT, open.recv())
+        .await
+        .expect("the drain ends the tunnel within the limit");
+    let err = read.expect_err("a tunnel cut by the drain is reset, not ended");
+    assert_eq!(
+        h2_reason(&err),
+        Some(h2::Reason::CONNECT_ERROR),
+        "RST_STREAM(CONNECT_ERROR): {err}"
     );
 }

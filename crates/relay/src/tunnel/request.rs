@@ -185,6 +185,7 @@ pub async fn serve_request<E: Exchange>(
             };
             let _active = ActiveTunnel::new(kind);
             let stats = relay_tcp(core, tcp, rx, tx).await;
+            core.tunnel_ended(&stats);
             log_tunnel_end(&id, kind, &target, 200, &stats, started);
         }
         TunnelKind::Udp => {
@@ -198,6 +199,7 @@ pub async fn serve_request<E: Exchange>(
             };
             let _active = ActiveTunnel::new(kind);
             let stats = relay_udp(core, sock, rx, tx, channels).await;
+            core.tunnel_ended(&stats);
             log_tunnel_end(&id, kind, &target, 200, &stats, started);
         }
     }
