@@ -9,6 +9,7 @@
 pub mod egress;
 pub mod env;
 pub mod fleet;
+pub mod flood;
 pub mod front;
 pub mod peer;
 pub mod report;
@@ -55,7 +56,13 @@ pub struct BenchArgs {
     /// when it is `cfr`; otherwise the relay runs in-process].
     #[arg(long)]
     pub relay_bin: Option<PathBuf>,
-    /// Only these sections (tcp, udp, setup, scale, egress, peer, fleet), comma-separated.
+    /// Idle QUIC connections per flood wave [default: 2000; quick: 200].
+    #[arg(long)]
+    pub flood_connections: Option<usize>,
+    /// Flood waves [default: 5; quick: 2].
+    #[arg(long)]
+    pub flood_waves: Option<usize>,
+    /// Only these sections (tcp, udp, setup, scale, egress, peer, fleet, flood), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
 }
@@ -79,6 +86,8 @@ pub struct Plan {
     pub peer: bool,
     pub relay_bin: Option<PathBuf>,
     pub only: Option<Vec<String>>,
+    pub flood_connections: usize,
+    pub flood_waves: usize,
 }
 
 impl Plan {
@@ -104,6 +113,8 @@ impl Plan {
             peer: !a.no_peer,
             relay_bin: a.relay_bin.clone(),
             only: a.only.clone(),
+            flood_connections: a.flood_connections.unwrap_or(if q { 200 } else { 2000 }),
+            flood_waves: a.flood_waves.unwrap_or(if q { 2 } else { 5 }).max(1),
         }
     }
 
@@ -152,6 +163,9 @@ pub async fn run(args: &BenchArgs) -> Report {
             }
             if plan.wants("fleet") {
                 fleet::run(&plan, rows).await;
+            }
+            if plan.wants("flood") {
+                flood::run(&env, &plan, rows).await;
             }
             env.stop().await;
         }

@@ -173,7 +173,7 @@ impl Default for LimitsConfig {
             max_request_head_bytes: 16 * 1024,
             client_prefix_v4: 32,
             client_prefix_v6: 64,
-            handshakes_per_sec_per_client: 16,
+            handshakes_per_sec_per_client: 64,
             half_open_before_retry: 128,
         }
     }
