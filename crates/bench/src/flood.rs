@@ -17,6 +17,9 @@ use crate::Plan;
 
 pub const SECTION: &str = "flood";
 
+/// How long the relay is left alone after the last wave before its RSS is read once more.
+const SETTLE: Duration = Duration::from_secs(15);
+
 /// Client endpoints (source sockets) the connections of a wave are spread over.
 const ENDPOINTS: usize = 8;
 
@@ -74,8 +77,9 @@ async fn waves(
     let before = rss()?;
     let n = plan.flood_connections;
     rows.push(
-        Row::new(SECTION, "RSS before the first wave", mib(before), "MiB")
-            .note(format!("relay child process; {n} idle QUIC connections per wave")),
+        Row::new(SECTION, "RSS before the first wave", mib(before), "MiB").note(format!(
+            "relay child process; {n} idle QUIC connections per wave"
+        )),
     );
     let mut after_each = Vec::new();
     for wave in 1..=plan.flood_waves {
@@ -118,12 +122,26 @@ async fn waves(
         let after = rss()?;
         after_each.push(after);
         rows.push(
-            Row::new(SECTION, format!("wave {wave}: RSS after"), mib(after), "MiB").note(format!(
+            Row::new(
+                SECTION,
+                format!("wave {wave}: RSS after"),
+                mib(after),
+                "MiB",
+            )
+            .note(format!(
                 "{opened}/{n} connected; {:.1} MiB at the peak, {fds} fds; {open} still open after",
                 mib(peak)
             )),
         );
     }
+    // jemalloc returns freed pages after its decay time (10 s); glibc malloc mostly keeps them.
+    tokio::time::sleep(SETTLE).await;
+    rows.push(Row::new(
+        SECTION,
+        format!("RSS {} s after the last wave", SETTLE.as_secs()),
+        mib(rss()?),
+        "MiB",
+    ));
     if let (Some(first), Some(last)) = (after_each.first(), after_each.last()) {
         let waves = after_each.len().saturating_sub(1).max(1) as f64;
         rows.push(
@@ -175,7 +193,9 @@ async fn connections_active(metrics: SocketAddr) -> Result<f64, String> {
         .await
         .map_err(|e| e.to_string())?;
     let mut body = String::new();
-    s.read_to_string(&mut body).await.map_err(|e| e.to_string())?;
+    s.read_to_string(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
     body.lines()
         .find_map(|l| l.strip_prefix("cfr_connections_active "))
         .and_then(|v| v.trim().parse().ok())

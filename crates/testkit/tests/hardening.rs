@@ -373,7 +373,8 @@ async fn connections_per_client_count_the_source_prefix() {
     let third = quic_connect(&c, &relay).await;
     assert!(
         third.as_ref().is_err_and(is_refused),
-        "a third address of the same /24 shares the two slots: {third:?}"
+        "a third address of the same /24 shares the two slots: {:?}",
+        third.map(|_| "connected")
     );
     let other = quic_endpoint(&relay, "127.0.1.1", None);
     quic_connect(&other, &relay)
@@ -394,9 +395,13 @@ async fn handshake_rate_per_client_asks_for_retry_then_refuses_and_recovers() {
         .iter()
         .filter(|a| a.as_ref().is_err_and(is_refused))
         .count();
+    let errors: Vec<String> = attempts
+        .iter()
+        .filter_map(|a| a.as_ref().err().map(|e| e.to_string()))
+        .collect();
     assert!(
         accepted >= 1 && refused >= 1 && accepted + refused == attempts.len(),
-        "some handshakes within the rate, the rest refused: {attempts:?}"
+        "some handshakes within the rate, the rest refused: {accepted} accepted, errors {errors:?}"
     );
     assert!(
         count(&relay.core().counters.quic_retries) >= refused as u64,
@@ -445,7 +450,10 @@ async fn new_quic_connections_during_a_drain_are_refused_at_once() {
             Err(e) if is_refused(&e) => break,
             // The drain may not have started yet when the first attempt arrives.
             Ok(_) if tokio::time::Instant::now() < deadline => {}
-            other => panic!("a draining relay refuses with CONNECTION_CLOSE: {other:?}"),
+            other => panic!(
+                "a draining relay refuses with CONNECTION_CLOSE: {:?}",
+                other.map(|_| "connected")
+            ),
         }
     }
 }
@@ -681,4 +689,64 @@ async fn an_h2_tunnel_cut_by_the_drain_is_reset_with_connect_error() {
         Some(h2::Reason::CONNECT_ERROR),
         "RST_STREAM(CONNECT_ERROR): {err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probes that found nothing to fix, kept as regression tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_h2_connection_kept_alive_with_pings_but_no_tunnel_is_closed() {
+    let relay = TestRelay::start_with(|c| c.timeouts.connection_idle_secs = 1).await;
+    let tls = tls_connect(relay.tcp_addr.unwrap(), &relay.ca_pem, &[b"h2"])
+        .await
+        .unwrap();
+    let (_send, mut conn) = h2::client::handshake(tls).await.unwrap();
+    let mut ping_pong = conn.ping_pong().expect("ping_pong taken once");
+    let pings = tokio::spawn(async move {
+        // A PING every 200 ms until the connection is gone.
+        while ping_pong.ping(h2::Ping::opaque()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let ended = tokio::time::timeout(LIMIT, conn).await;
+    assert!(
+        ended.is_ok(),
+        "an HTTP/2 connection with no tunnel is closed despite PINGs (within {LIMIT:?})"
+    );
+    pings.abort();
+}
+
+#[tokio::test]
+async fn total_connections_is_a_hard_bound_on_both_fronts_and_frees_up() {
+    let relay = TestRelay::start_with(|c| c.limits.total_connections = 2).await;
+    let a = quic_endpoint(&relay, "127.0.0.1", None);
+    let b = quic_endpoint(&relay, "127.0.0.2", None);
+    let c = quic_endpoint(&relay, "127.0.0.3", None);
+    let first = quic_connect(&a, &relay).await.expect("first");
+    let _second = quic_connect(&b, &relay).await.expect("second");
+    let third = quic_connect(&c, &relay).await;
+    assert!(
+        third.as_ref().is_err_and(is_refused),
+        "QUIC beyond total_connections is refused: {:?}",
+        third.map(|_| "connected")
+    );
+    // The TCP front-end shares the bound: the TLS handshake is not even started.
+    let tcp = tls_connect(relay.tcp_addr.unwrap(), &relay.ca_pem, &[b"h2"]).await;
+    assert!(
+        tcp.is_err(),
+        "TCP beyond total_connections is closed before TLS"
+    );
+    first.close(quinn::VarInt::from_u32(0x100), b"done");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        match quic_connect(&c, &relay).await {
+            Ok(_) => break,
+            Err(e) if is_refused(&e) && tokio::time::Instant::now() < deadline => {
+                // Polling a condition with a bounded deadline (the slot frees asynchronously).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("a freed slot can be taken again within {LIMIT:?}: {e:?}"),
+        }
+    }
 }
