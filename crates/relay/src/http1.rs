@@ -266,10 +266,8 @@ async fn write_response(
     {
         field("content-length", b"0");
     }
-    if !tunnel {
-        if close {
-            field("connection", b"close");
-        }
+    if !tunnel && close {
+        field("connection", b"close");
     }
     head.extend_from_slice(b"\r\n");
     head.extend_from_slice(body);
