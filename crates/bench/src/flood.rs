@@ -5,7 +5,6 @@
 //! Needs the `cfr` binary (the relay runs as a child process, so its `/proc/PID/status` holds
 //! nothing but the relay).
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -73,7 +72,7 @@ async fn waves(
 ) -> Result<(), String> {
     let pid = relay.pid;
     let rss = || rss_bytes(pid).ok_or("cannot read VmRSS".to_string());
-    let client = client_config(env)?;
+    let client = crate::env::quic_client_config(env, b"h3")?;
     let before = rss()?;
     let n = plan.flood_connections;
     rows.push(
@@ -155,26 +154,6 @@ async fn waves(
         );
     }
     Ok(())
-}
-
-/// A bare QUIC client (ALPN h3) that trusts the bench PKI.
-fn client_config(env: &Env) -> Result<quinn::ClientConfig, String> {
-    let pem = std::fs::read(&env.pki.ca_cert).map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(cfr_relay::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
 /// A loopback address with a port nobody listens on right now (for the metrics listener).

@@ -341,6 +341,42 @@ fn is_refused(e: &quinn::ConnectionError) -> bool {
         if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
 }
 
+/// Connects from 127.0.0.1 and 127.0.0.2 (both must succeed), then from 127.0.0.3, which must be
+/// refused (`why` names the limit). Returns the first connection and the third endpoint.
+async fn two_connect_then_third_refused(
+    relay: &TestRelay,
+    why: &str,
+) -> (quinn::Connection, quinn::Connection, quinn::Endpoint) {
+    let a = quic_endpoint(relay, "127.0.0.1", None);
+    let b = quic_endpoint(relay, "127.0.0.2", None);
+    let c = quic_endpoint(relay, "127.0.0.3", None);
+    let first = quic_connect(&a, relay).await.expect("first connection");
+    let second = quic_connect(&b, relay).await.expect("second connection");
+    let third = quic_connect(&c, relay).await;
+    assert!(
+        third.as_ref().is_err_and(is_refused),
+        "{why}: the third connection is refused, got {:?}",
+        third.map(|_| "connected")
+    );
+    (first, second, c)
+}
+
+/// Connects from `endpoint` until the relay accepts (bounded by [`LIMIT`]); a refusal is retried,
+/// since what it waits for (a token refill, a freed slot) happens asynchronously.
+async fn connect_once_accepted(endpoint: &quinn::Endpoint, relay: &TestRelay) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        match quic_connect(endpoint, relay).await {
+            Ok(_) => return,
+            Err(e) if is_refused(&e) && tokio::time::Instant::now() < deadline => {
+                // Polling a condition with a bounded deadline.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the relay accepts again within {LIMIT:?}: {e:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn quic_connection_without_tunnels_is_closed_despite_pings() {
     let relay = TestRelay::start_with(|c| c.timeouts.connection_idle_secs = 1).await;
@@ -365,17 +401,9 @@ async fn connections_per_client_count_the_source_prefix() {
         c.limits.client_prefix_v4 = 24;
     })
     .await;
-    let a = quic_endpoint(&relay, "127.0.0.1", None);
-    let b = quic_endpoint(&relay, "127.0.0.2", None);
-    let c = quic_endpoint(&relay, "127.0.0.3", None);
-    let _first = quic_connect(&a, &relay).await.expect("first of the /24");
-    let _second = quic_connect(&b, &relay).await.expect("second of the /24");
-    let third = quic_connect(&c, &relay).await;
-    assert!(
-        third.as_ref().is_err_and(is_refused),
-        "a third address of the same /24 shares the two slots: {:?}",
-        third.map(|_| "connected")
-    );
+    let _held =
+        two_connect_then_third_refused(&relay, "a third address of the same /24 shares its slots")
+            .await;
     let other = quic_endpoint(&relay, "127.0.1.1", None);
     quic_connect(&other, &relay)
         .await
@@ -408,17 +436,7 @@ async fn handshake_rate_per_client_asks_for_retry_then_refuses_and_recovers() {
         "every over-rate Initial was first asked to validate its address"
     );
     // The bucket refills at one handshake a second.
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        match quic_connect(&endpoint, &relay).await {
-            Ok(_) => break,
-            Err(e) if is_refused(&e) && tokio::time::Instant::now() < deadline => {
-                // Polling a condition with a bounded deadline (the refill is time-based).
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("the handshake rate recovers within {LIMIT:?}: {e:?}"),
-        }
-    }
+    connect_once_accepted(&endpoint, &relay).await;
 }
 
 #[tokio::test]
@@ -459,7 +477,7 @@ async fn new_quic_connections_during_a_drain_are_refused_at_once() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stream credit and stalled request heads on HTTP/3
+// Stream credit on HTTP/3 (the stalled request head is in h3_relay.rs)
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -493,32 +511,6 @@ async fn every_request_beyond_the_tunnel_limit_gets_a_prompt_503() {
         "every request beyond the limit gets 503 connection_limit_reached: {answers:?}"
     );
     drop(held);
-}
-
-#[tokio::test]
-async fn a_stalled_request_head_gets_its_response_side_reset_with_h3_request_incomplete() {
-    let relay = TestRelay::start_with(|c| c.timeouts.handshake_secs = 1).await;
-    let client = relay.client().await;
-    // Borrow the client's QUIC connection through a raw (refused) request.
-    let req = http::Request::builder()
-        .method(http::Method::GET)
-        .uri("https://localhost/")
-        .body(())
-        .unwrap();
-    let raw = client.send_request(req).await.unwrap();
-    // The start of a HEADERS frame (type 0x01, length 16) and nothing more.
-    let (mut send, mut recv) = raw.quic.open_bi().await.unwrap();
-    send.write_all(&[0x01, 0x10]).await.unwrap();
-    let incomplete = quinn::VarInt::from_u32(0x10d);
-    // STOP_SENDING still carries code 0 (h3-quinn cannot stop a stream with a read pending;
-    // see http3::abort_incomplete_request), so only the response side is checked.
-    let read = tokio::time::timeout(LIMIT, recv.read_to_end(1024))
-        .await
-        .expect("the response side ends too");
-    assert!(
-        matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == incomplete),
-        "the response stream is reset with H3_REQUEST_INCOMPLETE: {read:?}"
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -720,17 +712,8 @@ async fn an_h2_connection_kept_alive_with_pings_but_no_tunnel_is_closed() {
 #[tokio::test]
 async fn total_connections_is_a_hard_bound_on_both_fronts_and_frees_up() {
     let relay = TestRelay::start_with(|c| c.limits.total_connections = 2).await;
-    let a = quic_endpoint(&relay, "127.0.0.1", None);
-    let b = quic_endpoint(&relay, "127.0.0.2", None);
-    let c = quic_endpoint(&relay, "127.0.0.3", None);
-    let first = quic_connect(&a, &relay).await.expect("first");
-    let _second = quic_connect(&b, &relay).await.expect("second");
-    let third = quic_connect(&c, &relay).await;
-    assert!(
-        third.as_ref().is_err_and(is_refused),
-        "QUIC beyond total_connections is refused: {:?}",
-        third.map(|_| "connected")
-    );
+    let (first, _second, c) =
+        two_connect_then_third_refused(&relay, "QUIC beyond total_connections").await;
     // The TCP front-end shares the bound: the TLS handshake is not even started.
     let tcp = tls_connect(relay.tcp_addr.unwrap(), &relay.ca_pem, &[b"h2"]).await;
     assert!(
@@ -738,15 +721,5 @@ async fn total_connections_is_a_hard_bound_on_both_fronts_and_frees_up() {
         "TCP beyond total_connections is closed before TLS"
     );
     first.close(quinn::VarInt::from_u32(0x100), b"done");
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        match quic_connect(&c, &relay).await {
-            Ok(_) => break,
-            Err(e) if is_refused(&e) && tokio::time::Instant::now() < deadline => {
-                // Polling a condition with a bounded deadline (the slot frees asynchronously).
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("a freed slot can be taken again within {LIMIT:?}: {e:?}"),
-        }
-    }
+    connect_once_accepted(&c, &relay).await;
 }
