@@ -157,13 +157,13 @@ async fn waves(
 }
 
 /// A loopback address with a port nobody listens on right now (for the metrics listener).
-fn free_port() -> Result<SocketAddr, String> {
+pub(crate) fn free_port() -> Result<SocketAddr, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     l.local_addr().map_err(|e| e.to_string())
 }
 
 /// `cfr_connections_active` from the relay's Prometheus endpoint.
-async fn connections_active(metrics: SocketAddr) -> Result<f64, String> {
+pub(crate) async fn connections_active(metrics: SocketAddr) -> Result<f64, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(metrics)
         .await

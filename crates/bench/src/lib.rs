@@ -15,6 +15,7 @@ pub mod peer;
 pub mod report;
 pub mod scale;
 pub mod setup;
+pub mod soak;
 pub mod tcp;
 pub mod udp;
 
@@ -62,7 +63,11 @@ pub struct BenchArgs {
     /// Flood waves [default: 5; quick: 2].
     #[arg(long)]
     pub flood_waves: Option<usize>,
-    /// Only these sections (tcp, udp, setup, scale, egress, peer, fleet, flood), comma-separated.
+    /// Seconds of mixed churn in the soak section, which runs only when named in `--only`
+    /// [default: 600].
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+    /// Only these sections (tcp, udp, setup, scale, egress, peer, fleet, flood, soak), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
 }
@@ -88,6 +93,7 @@ pub struct Plan {
     pub only: Option<Vec<String>>,
     pub flood_connections: usize,
     pub flood_waves: usize,
+    pub soak_secs: u64,
 }
 
 impl Plan {
@@ -115,6 +121,7 @@ impl Plan {
             only: a.only.clone(),
             flood_connections: a.flood_connections.unwrap_or(if q { 200 } else { 2000 }),
             flood_waves: a.flood_waves.unwrap_or(if q { 2 } else { 5 }).max(1),
+            soak_secs: a.soak_secs.unwrap_or(600),
         }
     }
 
@@ -166,6 +173,14 @@ pub async fn run(args: &BenchArgs) -> Report {
             }
             if plan.wants("flood") {
                 flood::run(&env, &plan, rows).await;
+            }
+            // Minutes long: only when asked for by name.
+            if plan
+                .only
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|s| s.eq_ignore_ascii_case("soak")))
+            {
+                soak::run(&env, &plan, rows).await;
             }
             env.stop().await;
         }
