@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cfr_relay::tunnel::RelayCounters;
-use cfr_testkit::origins::{ring_provider, RecordingTcp, TcpEcho};
+use cfr_testkit::origins::{ring_provider, RecordingTcp, TcpEcho, UdpEcho};
 use cfr_testkit::relay::{target, TestRelay};
 use cfr_testkit::tcp_client::{h2_reason, tls_connect, Ask, H2Conn};
-use cfr_testkit::tunnels::{lo, tcp_roundtrip, LIMIT};
+use cfr_testkit::tunnels::{lo, tcp_roundtrip, udp_echo, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -722,4 +722,54 @@ async fn total_connections_is_a_hard_bound_on_both_fronts_and_frees_up() {
     );
     first.close(quinn::VarInt::from_u32(0x100), b"done");
     connect_once_accepted(&c, &relay).await;
+}
+
+#[tokio::test]
+async fn datagram_floods_from_many_udp_tunnels_leave_other_tunnels_working() {
+    let echo = UdpEcho::start(lo()).await;
+    let tcp_echo = TcpEcho::start(lo()).await;
+    let relay = TestRelay::start_with(|c| c.limits.datagram_queue = 64).await;
+    let client = relay.client().await;
+    let mut udp = Vec::new();
+    for _ in 0..16 {
+        udp.push(
+            client
+                .connect_udp(&target(echo.addr()))
+                .await
+                .expect("UDP tunnel"),
+        );
+    }
+    // Every tunnel sends 2000 datagrams as fast as it can, all at once.
+    let payload = vec![0x5a; 1000];
+    let floods = futures_util::future::join_all(udp.iter().map(|t| {
+        let payload = payload.clone();
+        async move {
+            for _ in 0..2000 {
+                if t.send(&payload).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    }));
+    // Meanwhile a TCP tunnel on the same connection round-trips.
+    let tcp_target = target(tcp_echo.addr());
+    let (sent, ()) = tokio::join!(
+        floods,
+        tcp_roundtrip(&client, &tcp_target, b"through the flood")
+    );
+    assert!(
+        sent.iter().all(|ok| *ok),
+        "every flood was accepted by the client side"
+    );
+    // And every flooding tunnel still carries a datagram both ways afterwards, once the echoes
+    // of the flood still queued for it are read.
+    for t in &udp {
+        while let Ok(Ok(b)) = tokio::time::timeout(Duration::from_millis(500), t.recv()).await {
+            if b[..] != payload[..] {
+                break;
+            }
+        }
+        udp_echo(t, b"after the flood", 10, Duration::from_secs(2)).await;
+    }
 }
