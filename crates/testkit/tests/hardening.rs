@@ -4,10 +4,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use cfr_relay::tunnel::RelayCounters;
 use cfr_testkit::origins::{ring_provider, RecordingTcp, TcpEcho, UdpEcho};
 use cfr_testkit::relay::{target, TestRelay};
-use cfr_testkit::tcp_client::{h2_reason, tls_connect, Ask, H2Conn};
 use cfr_testkit::tunnels::{lo, tcp_roundtrip, udp_echo, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -15,6 +15,59 @@ use tokio_rustls::client::TlsStream;
 
 fn count(c: &AtomicU64) -> u64 {
     RelayCounters::get(c)
+}
+
+/// TLS to the relay's TCP front-end as `localhost`, trusting its dev CA, offering `alpn`.
+async fn tls_connect(relay: &TestRelay, alpn: &[u8]) -> std::io::Result<TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in cfr_relay::tls::load_certs(&relay.ca_pem).map_err(std::io::Error::other)? {
+        roots.add(c).map_err(std::io::Error::other)?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(ring_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = TcpStream::connect(relay.tcp_addr.expect("TCP front-end on")).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("static name");
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+}
+
+/// A raw HTTP/2 connection to the relay, driven by its own task.
+async fn h2_connect(relay: &TestRelay) -> h2::client::SendRequest<Bytes> {
+    let tls = tls_connect(relay, b"h2").await.expect("TLS to the relay");
+    let (send, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.expect("HTTP/2 ready")
+}
+
+/// A classic CONNECT (RFC 9113 §8.5) on `h2` to `dest` with the test token and `extra` fields.
+async fn h2_tunnel(
+    h2: &h2::client::SendRequest<Bytes>,
+    relay: &TestRelay,
+    dest: std::net::SocketAddr,
+    extra: http::HeaderMap,
+) -> (http::response::Parts, h2::SendStream<Bytes>, h2::RecvStream) {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("127.0.0.1:{}", dest.port()))
+        .header("proxy-authorization", format!("Bearer {}", relay.token))
+        .body(())
+        .unwrap();
+    req.headers_mut().extend(extra);
+    let mut send = h2.clone().ready().await.expect("HTTP/2 ready");
+    let (resp, stream) = send.send_request(req, false).expect("request sent");
+    let resp = tokio::time::timeout(LIMIT, resp)
+        .await
+        .expect("an answer within the limit")
+        .expect("an answer on the stream, not a connection error (GOAWAY)");
+    let (head, recv) = resp.into_parts();
+    (head, stream, recv)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -48,8 +101,7 @@ impl Head {
 
 impl RawH1 {
     async fn connect(relay: &TestRelay) -> RawH1 {
-        let addr = relay.tcp_addr.expect("TCP front-end on");
-        let tls = tls_connect(addr, &relay.ca_pem, &[b"http/1.1"])
+        let tls = tls_connect(relay, b"http/1.1")
             .await
             .expect("TLS to the relay");
         RawH1 {
@@ -521,21 +573,19 @@ async fn every_request_beyond_the_tunnel_limit_gets_a_prompt_503() {
 async fn an_oversized_h2_header_section_is_431_on_that_stream_only() {
     let echo = TcpEcho::start(lo()).await;
     let relay = relay().await;
-    let h2 = H2Conn::connect(relay.tcp_addr.unwrap(), &relay.ca_pem)
-        .await
-        .expect("HTTP/2 connection");
-    let ask = Ask::tcp(echo.addr());
-    let (_, open) = h2.request(&ask, Some(&relay.token)).await.unwrap();
-    let mut open = open.expect("a tunnel opens before the oversized request");
+    let h2 = h2_connect(&relay).await;
+    let (head, mut open_send, mut open_recv) =
+        h2_tunnel(&h2, &relay, echo.addr(), http::HeaderMap::new()).await;
+    assert_eq!(
+        head.status.as_u16(),
+        200,
+        "a tunnel opens before the oversized request"
+    );
     // The same 64 KiB field HTTP/1.1 answers with 431 (h1_oversized_head_is_431).
     let mut big = http::HeaderMap::new();
     big.insert("x-filler", "a".repeat(64 * 1024).parse().unwrap());
-    let (head, tunnel) = h2
-        .request_with_headers(&ask, Some(&relay.token), big)
-        .await
-        .expect("an answer on the stream, not a GOAWAY");
+    let (head, _, _) = h2_tunnel(&h2, &relay, echo.addr(), big).await;
     assert_eq!(head.status.as_u16(), 431);
-    assert!(tunnel.is_none());
     let proxy_status = head
         .headers
         .get("proxy-status")
@@ -546,18 +596,20 @@ async fn an_oversized_h2_header_section_is_431_on_that_stream_only() {
         "{proxy_status:?}"
     );
     // The tunnel next to it and the connection carry on.
-    open.send(bytes::Bytes::from_static(b"still here"), true)
+    open_send
+        .send_data(Bytes::from_static(b"still here"), true)
         .unwrap();
     let mut back = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(LIMIT, open.recv())
+    while let Some(chunk) = tokio::time::timeout(LIMIT, open_recv.data())
         .await
         .expect("echo within the limit")
-        .expect("the open tunnel was not reset")
     {
+        let chunk = chunk.expect("the open tunnel was not reset");
+        let _ = open_recv.flow_control().release_capacity(chunk.len());
         back.extend_from_slice(&chunk);
     }
     assert_eq!(back, b"still here");
-    let (head, _) = h2.request(&ask, Some(&relay.token)).await.unwrap();
+    let (head, _, _) = h2_tunnel(&h2, &relay, echo.addr(), http::HeaderMap::new()).await;
     assert_eq!(
         head.status.as_u16(),
         200,
@@ -663,24 +715,24 @@ async fn an_h3_tunnel_finishing_during_the_drain_gets_every_byte_and_its_fin() {
 async fn an_h2_tunnel_cut_by_the_drain_is_reset_with_connect_error() {
     let echo = TcpEcho::start(lo()).await;
     let relay = TestRelay::start_with(|c| c.drain_secs = 1).await;
-    let h2 = H2Conn::connect(relay.tcp_addr.unwrap(), &relay.ca_pem)
-        .await
-        .unwrap();
-    let (_, open) = h2
-        .request(&Ask::tcp(echo.addr()), Some(&relay.token))
-        .await
-        .unwrap();
-    let mut open = open.expect("tunnel opens");
+    let h2 = h2_connect(&relay).await;
+    let (head, _send, mut recv) = h2_tunnel(&h2, &relay, echo.addr(), http::HeaderMap::new()).await;
+    assert_eq!(head.status.as_u16(), 200, "tunnel opens");
     relay.handle().shutdown();
-    let read = tokio::time::timeout(LIMIT, open.recv())
+    let read = tokio::time::timeout(LIMIT, recv.data())
         .await
         .expect("the drain ends the tunnel within the limit");
-    let err = read.expect_err("a tunnel cut by the drain is reset, not ended");
-    assert_eq!(
-        h2_reason(&err),
-        Some(h2::Reason::CONNECT_ERROR),
-        "RST_STREAM(CONNECT_ERROR): {err}"
-    );
+    match read {
+        Some(Err(e)) => assert_eq!(
+            e.reason(),
+            Some(h2::Reason::CONNECT_ERROR),
+            "RST_STREAM(CONNECT_ERROR): {e}"
+        ),
+        other => panic!(
+            "a tunnel cut by the drain is reset, not ended: {:?}",
+            other.map(|r| r.map(|b| b.len()))
+        ),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -690,9 +742,7 @@ async fn an_h2_tunnel_cut_by_the_drain_is_reset_with_connect_error() {
 #[tokio::test]
 async fn an_h2_connection_kept_alive_with_pings_but_no_tunnel_is_closed() {
     let relay = TestRelay::start_with(|c| c.timeouts.connection_idle_secs = 1).await;
-    let tls = tls_connect(relay.tcp_addr.unwrap(), &relay.ca_pem, &[b"h2"])
-        .await
-        .unwrap();
+    let tls = tls_connect(&relay, b"h2").await.unwrap();
     let (_send, mut conn) = h2::client::handshake(tls).await.unwrap();
     let mut ping_pong = conn.ping_pong().expect("ping_pong taken once");
     let pings = tokio::spawn(async move {
@@ -715,7 +765,7 @@ async fn total_connections_is_a_hard_bound_on_both_fronts_and_frees_up() {
     let (first, _second, c) =
         two_connect_then_third_refused(&relay, "QUIC beyond total_connections").await;
     // The TCP front-end shares the bound: the TLS handshake is not even started.
-    let tcp = tls_connect(relay.tcp_addr.unwrap(), &relay.ca_pem, &[b"h2"]).await;
+    let tcp = tls_connect(&relay, b"h2").await;
     assert!(
         tcp.is_err(),
         "TCP beyond total_connections is closed before TLS"
