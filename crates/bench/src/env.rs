@@ -56,6 +56,10 @@ pub fn relay_config(pki: &DevPki, dir: &std::path::Path) -> RelayConfig {
     cfg.limits.total_tunnels = 65_536;
     cfg.limits.connections_per_client = 1024;
     cfg.limits.total_connections = 4096;
+    // The setup-rate run opens hundreds of connections a second from one address; the flood run
+    // thousands. Address validation (Retry) would add a round trip to each.
+    cfg.limits.handshakes_per_sec_per_client = 1_000_000;
+    cfg.limits.half_open_before_retry = 100_000;
     cfg
 }
 
@@ -413,6 +417,21 @@ pub async fn quic_client(
     env: &Env,
     server: SocketAddr,
 ) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    let mut cc = quic_client_config(env, b"bench")?;
+    cc.transport_config(env.transport());
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("static"))
+        .map_err(|e| e.to_string())?;
+    ep.set_default_client_config(cc);
+    let conn = ep
+        .connect(server, "localhost")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((ep, conn))
+}
+
+/// A quinn client configuration (TLS 1.3, ALPN `alpn`) that trusts the bench PKI.
+pub fn quic_client_config(env: &Env, alpn: &[u8]) -> Result<quinn::ClientConfig, String> {
     let pem = std::fs::read(&env.pki.ca_cert).map_err(|e| e.to_string())?;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -425,20 +444,10 @@ pub async fn quic_client(
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![b"bench".to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(env.transport());
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("static"))
-        .map_err(|e| e.to_string())?;
-    ep.set_default_client_config(cc);
-    let conn = ep
-        .connect(server, "localhost")
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((ep, conn))
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
 /// Waits until QUIC path MTU discovery lets a `payload`-byte datagram through (bounded).

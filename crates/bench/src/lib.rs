@@ -9,11 +9,13 @@
 pub mod egress;
 pub mod env;
 pub mod fleet;
+pub mod flood;
 pub mod front;
 pub mod peer;
 pub mod report;
 pub mod scale;
 pub mod setup;
+pub mod soak;
 pub mod tcp;
 pub mod udp;
 
@@ -55,7 +57,17 @@ pub struct BenchArgs {
     /// when it is `cfr`; otherwise the relay runs in-process].
     #[arg(long)]
     pub relay_bin: Option<PathBuf>,
-    /// Only these sections (tcp, udp, setup, scale, egress, peer, fleet), comma-separated.
+    /// Idle QUIC connections per flood wave [default: 2000; quick: 200].
+    #[arg(long)]
+    pub flood_connections: Option<usize>,
+    /// Flood waves [default: 5; quick: 2].
+    #[arg(long)]
+    pub flood_waves: Option<usize>,
+    /// Seconds of mixed churn in the soak section, which runs only when named in `--only`
+    /// [default: 600].
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+    /// Only these sections (tcp, udp, setup, scale, egress, peer, fleet, flood, soak), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
 }
@@ -79,6 +91,9 @@ pub struct Plan {
     pub peer: bool,
     pub relay_bin: Option<PathBuf>,
     pub only: Option<Vec<String>>,
+    pub flood_connections: usize,
+    pub flood_waves: usize,
+    pub soak_secs: u64,
 }
 
 impl Plan {
@@ -104,6 +119,9 @@ impl Plan {
             peer: !a.no_peer,
             relay_bin: a.relay_bin.clone(),
             only: a.only.clone(),
+            flood_connections: a.flood_connections.unwrap_or(if q { 200 } else { 2000 }),
+            flood_waves: a.flood_waves.unwrap_or(if q { 2 } else { 5 }).max(1),
+            soak_secs: a.soak_secs.unwrap_or(600),
         }
     }
 
@@ -152,6 +170,17 @@ pub async fn run(args: &BenchArgs) -> Report {
             }
             if plan.wants("fleet") {
                 fleet::run(&plan, rows).await;
+            }
+            if plan.wants("flood") {
+                flood::run(&env, &plan, rows).await;
+            }
+            // Minutes long: only when asked for by name.
+            if plan
+                .only
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|s| s.eq_ignore_ascii_case("soak")))
+            {
+                soak::run(&env, &plan, rows).await;
             }
             env.stop().await;
         }

@@ -29,7 +29,17 @@ pub struct RelayProcess {
 
 impl RelayProcess {
     pub async fn spawn(bin: &Path, env: &Env) -> Result<RelayProcess, String> {
-        let cfg = env::relay_config(&env.pki, env.dir.path());
+        Self::spawn_with(bin, env, |_| {}).await
+    }
+
+    /// [`RelayProcess::spawn`] with the bench relay configuration adjusted by `adjust`.
+    pub async fn spawn_with(
+        bin: &Path,
+        env: &Env,
+        adjust: impl FnOnce(&mut cfr_relay::config::RelayConfig),
+    ) -> Result<RelayProcess, String> {
+        let mut cfg = env::relay_config(&env.pki, env.dir.path());
+        adjust(&mut cfg);
         let file = env.dir.path().join("bench-relay.toml");
         std::fs::write(&file, cfg.to_toml()).map_err(|e| format!("{}: {e}", file.display()))?;
         let mut child = tokio::process::Command::new(bin)

@@ -15,6 +15,12 @@ use cfr_relay::{auth, tls, HostsThenSystem, Relay};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+/// jemalloc with background purge threads: memory freed after a load peak (a flood of idle
+/// connections) goes back to the system after its decay time, where glibc malloc kept it
+/// (`cfr bench --only flood`, README "Memory after load").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "cfr",

@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, PropertyCheck)] = &[
     ("pvd", crate::pvd::fuzz_pvd),
     ("udp_template", udp_template),
     ("http1_response_head", crate::http1::fuzz_response_head),
+    ("http1_request_head", http1_request_head),
 ];
 
 /// `max_datagram_len` values the capsule target chooses from with its first input byte.
@@ -252,5 +253,45 @@ pub fn udp_template(data: &[u8]) {
             Ok(target),
             "{template}: expansion {expanded} must match back"
         );
+    }
+}
+
+/// HTTP/1.1 request heads: never panics; an accepted head ends within the bytes and the limit,
+/// ends with an empty line, and is unaffected by whatever follows it (tunnel bytes); a head
+/// that is incomplete stays incomplete or becomes complete/refused, never accepted differently,
+/// as bytes arrive. The first input byte picks the size limit.
+pub fn http1_request_head(data: &[u8]) {
+    use crate::http1::{parse_request_head, HeadError, RequestKind};
+    let Some((&pick, bytes)) = data.split_first() else {
+        return;
+    };
+    let max = [16, 64, 256, 16 * 1024][usize::from(pick % 4)];
+    let verdict = parse_request_head(bytes, max);
+    match &verdict {
+        Ok(head) => {
+            assert!(head.len <= bytes.len() && head.len <= max, "{head:?}");
+            assert!(bytes[..head.len].ends_with(b"\r\n\r\n"), "{head:?}");
+            assert_eq!(
+                parse_request_head(&bytes[..head.len], max).as_ref(),
+                Ok(head),
+                "the head alone parses the same"
+            );
+            if let RequestKind::Connect(t) = &head.kind {
+                check_target(t);
+            }
+        }
+        Err(HeadError::Incomplete) => assert!(bytes.len() < max),
+        Err(_) => {}
+    }
+    // Feeding a prefix never accepts a different head than the whole input.
+    if bytes.len() > 1 {
+        let prefix = parse_request_head(&bytes[..bytes.len() / 2], max);
+        if let Ok(head) = prefix {
+            assert_eq!(
+                verdict,
+                Ok(head),
+                "a head accepted early changed with more bytes"
+            );
+        }
     }
 }

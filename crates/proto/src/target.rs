@@ -177,17 +177,18 @@ impl Target {
     }
 }
 
-/// A decimal port in 1..=65535: digits only (no sign, no spaces); leading zeros are allowed by
-/// the RFC 3986 `port = *DIGIT` grammar.
+/// A decimal port in 1..=65535: digits only (no sign, no spaces, no leading zeros, although the
+/// RFC 3986 `port = *DIGIT` grammar allows them).
 fn parse_port(s: &str) -> Result<u16, TargetError> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(TargetError::BadPort);
     }
-    let digits = s.trim_start_matches('0');
-    if digits.len() > 5 {
+    // A leading zero is a second spelling of the same port: two parsers (ours and a proxy or
+    // filter in front) could disagree about it, so only the canonical decimal form is accepted.
+    if s.starts_with('0') || s.len() > 5 {
         return Err(TargetError::BadPort);
     }
-    match digits.parse::<u32>() {
+    match s.parse::<u32>() {
         Ok(p @ 1..=65535) => Ok(p as u16),
         _ => Err(TargetError::BadPort),
     }
@@ -350,7 +351,11 @@ mod tests {
             assert_eq!(parse_authority(a), Err(TargetError::BadPort), "{a}");
         }
         assert_eq!(parse_authority("example.com:65535").unwrap().port, 65535);
-        assert_eq!(parse_authority("example.com:00443").unwrap().port, 443);
+        assert_eq!(
+            parse_authority("example.com:00443"),
+            Err(TargetError::BadPort),
+            "one port, one spelling"
+        );
     }
 
     #[test]

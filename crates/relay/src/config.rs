@@ -143,6 +143,21 @@ pub struct LimitsConfig {
     pub datagram_queue: usize,
     /// Concurrent DNS lookups.
     pub dns_concurrency: u32,
+
+    // Hostile-load hardening (issue 17).
+    /// Largest request header section accepted on every front-end (HTTP/1.1 head bytes, HTTP/2
+    /// header list, HTTP/3 field section); larger → 431 on that request only.
+    pub max_request_head_bytes: usize,
+    /// Leading bits of an IPv4 source address that name one client for
+    /// `connections_per_client` and the handshake rate.
+    pub client_prefix_v4: u8,
+    /// Leading bits of an IPv6 source address that name one client (a host owns a /64).
+    pub client_prefix_v6: u8,
+    /// QUIC handshakes per second one client prefix may start (also the burst).
+    pub handshakes_per_sec_per_client: u32,
+    /// QUIC handshakes in progress relay-wide above which new connections from unvalidated
+    /// addresses are asked to prove them with a Retry first.
+    pub half_open_before_retry: u32,
 }
 
 impl Default for LimitsConfig {
@@ -155,6 +170,11 @@ impl Default for LimitsConfig {
             tcp_buffer_bytes: 64 * 1024,
             datagram_queue: 512,
             dns_concurrency: 64,
+            max_request_head_bytes: 16 * 1024,
+            client_prefix_v4: 32,
+            client_prefix_v6: 64,
+            handshakes_per_sec_per_client: 64,
+            half_open_before_retry: 128,
         }
     }
 }
@@ -419,6 +439,28 @@ impl RelayConfig {
                 message: "must be between 1024 and 16777216".into(),
             });
         }
+        if !(1024..=1024 * 1024).contains(&l.max_request_head_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_request_head_bytes",
+                message: "must be between 1024 and 1048576".into(),
+            });
+        }
+        if !(1..=32).contains(&l.client_prefix_v4) {
+            return Err(ConfigError::Invalid {
+                key: "limits.client_prefix_v4",
+                message: "must be between 1 and 32".into(),
+            });
+        }
+        if !(1..=128).contains(&l.client_prefix_v6) {
+            return Err(ConfigError::Invalid {
+                key: "limits.client_prefix_v6",
+                message: "must be between 1 and 128".into(),
+            });
+        }
+        positive(
+            "limits.handshakes_per_sec_per_client",
+            l.handshakes_per_sec_per_client.into(),
+        )?;
         let t = &self.timeouts;
         positive("timeouts.handshake_secs", t.handshake_secs)?;
         positive("timeouts.dns_secs", t.dns_secs)?;

@@ -7,7 +7,7 @@ use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{ClientSlot, ClientTable};
+use crate::admission::{ClientPrefix, ClientSlot, ClientTable, HandshakeGate};
 use crate::metrics as m;
 use crate::tunnel::{ClientConn, Core};
 
@@ -15,8 +15,10 @@ use crate::tunnel::{ClientConn, Core};
 #[derive(Clone)]
 pub(crate) struct FrontCtx {
     pub core: Arc<Core>,
-    /// Connections per client address and in total.
+    /// Connections per client prefix and in total.
     pub clients: Arc<ClientTable>,
+    /// QUIC handshake rate per client prefix and half-open handshakes (Retry decisions).
+    pub handshakes: Arc<HandshakeGate>,
     /// Drain started: stop accepting, send GOAWAY / stop keep-alive, let open tunnels finish.
     pub shutdown: CancellationToken,
     /// Grace period over: drop connections and tunnels still open.
@@ -31,11 +33,25 @@ pub(crate) struct FrontCtx {
 impl FrontCtx {
     pub(crate) fn new(core: Arc<Core>, quic_port: u16) -> Self {
         let limits = &core.config.limits;
-        let clients = ClientTable::new(limits.connections_per_client, limits.total_connections);
+        let prefix = ClientPrefix {
+            v4: limits.client_prefix_v4,
+            v6: limits.client_prefix_v6,
+        };
+        let clients = ClientTable::new(
+            limits.connections_per_client,
+            limits.total_connections,
+            prefix,
+        );
+        let handshakes = HandshakeGate::new(
+            limits.handshakes_per_sec_per_client,
+            limits.half_open_before_retry as usize,
+            prefix,
+        );
         Self {
             clients: Arc::new(clients),
+            handshakes: Arc::new(handshakes),
             shutdown: CancellationToken::new(),
-            closed: CancellationToken::new(),
+            closed: core.grace_over.clone(),
             tasks: TaskTracker::new(),
             alt_svc: HeaderValue::from_str(&format!("h3=\":{quic_port}\""))
                 .expect("digits are a valid header value"),

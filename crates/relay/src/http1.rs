@@ -1,159 +1,301 @@
-//! The HTTP/1.1 front-end on hyper: `CONNECT host:port` → `200` then raw bytes, and connect-udp
-//! by Upgrade (request RFC 9298 §3.2, response §3.3) → `101` then capsules, both over hyper's
-//! upgraded connection.
+//! The HTTP/1.1 front-end: `CONNECT host:port` → `200` then raw bytes, and connect-udp by Upgrade
+//! (RFC 9298 §3.3) → `101` then capsules.
 //!
-//! HTTP/1.1 has no stream reset: an aborted tunnel closes the connection without TLS
-//! close_notify, which the client sees as a truncated (not cleanly finished) stream.
-use std::convert::Infallible;
+//! Request heads are read and checked by `cfr_proto::http1` (strict: see there) rather than by
+//! hyper, which accepts bare LF line endings, reads a body on a CONNECT and dials the URI host of
+//! an absolute-form CONNECT — each a differential a proxy in front of the relay could exploit.
+//! A head the relay refuses as malformed ends the connection after the 400/431; a well-formed
+//! refused request (407, 403, 503, ...) keeps it alive for the next request.
+//!
+//! HTTP/1.1 has no stream reset: an aborted tunnel (destination reset, drain, ...) ends the
+//! connection with a TCP RST, never with a FIN a client could take for the end of the stream.
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::oneshot;
+use bytes::{Buf, Bytes, BytesMut};
+use cfr_proto::http1::{parse_request_head, HeadError, RequestHead, RequestKind};
+use cfr_proto::ProxyError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 
 use crate::front::FrontCtx;
+use crate::metrics as m;
 use crate::tunnel::{
-    serve_request, Abort, ClientConn, Exchange, TunnelRecv, TunnelSend, UdpChannels,
+    error_response, serve_request, Abort, ClientConn, Exchange, TunnelError, TunnelRecv,
+    TunnelSend, UdpChannels,
 };
 
-/// The upgrade token of connect-udp (RFC 9298 §3, registered in §8.1).
-const CONNECT_UDP: &str = "connect-udp";
+/// The upgrade token of connect-udp (RFC 9298 §3.3, §7.1).
+const CONNECT_UDP: &str = cfr_proto::http1::CONNECT_UDP_TOKEN;
 
-type Response = http::Response<Full<Bytes>>;
+const READ_CHUNK: usize = 16 * 1024;
 
-/// Serves one HTTP/1.1 connection (TLS done) until it closes, is upgraded into a tunnel, or the
-/// drain ends it.
-pub(crate) async fn serve_connection<IO>(ctx: FrontCtx, io: IO, client: Arc<ClientConn>)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service_ctx = ctx.clone();
-    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        let ctx = service_ctx.clone();
-        let client = client.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, client, req).await) }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(ctx.core.config.handshake_timeout())
-        .max_buf_size(64 * 1024);
-    let conn = builder
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            _ = ctx.shutdown.cancelled(), if !draining => {
-                draining = true;
-                // Finish the exchange in flight, then close instead of keeping the connection
-                // alive. Upgraded tunnels live in their own tasks and are not affected.
-                conn.as_mut().graceful_shutdown();
-            }
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "HTTP/1.1 connection ended");
-                }
-                break;
-            }
-        }
-    }
+type Tls = TlsStream<TcpStream>;
+
+/// One client connection: the TLS stream and the bytes read from it but not yet used.
+struct H1Conn {
+    io: Tls,
+    buf: BytesMut,
+    /// A 2xx/101 went out: the connection now carries a tunnel and no further request.
+    upgraded: bool,
 }
 
-/// One request: runs the tunnel core in its own task (it outlives this response once the
-/// connection is upgraded) and answers with the head the core chose.
-async fn handle(
+/// Serves one HTTP/1.1 connection (TLS done) until it closes, carries a tunnel to its end, or the
+/// drain ends it. `first_head` bounds the wait for the first request head.
+pub(crate) async fn serve_connection(
     ctx: FrontCtx,
+    io: Tls,
     client: Arc<ClientConn>,
-    mut req: http::Request<Incoming>,
-) -> Response {
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let (mut head, _body) = req.into_parts();
-    // RFC 9298 §3.2: over HTTP/1.1, connect-udp is a GET with `Upgrade: connect-udp` (and
-    // `Connection: Upgrade`, which hyper checks before it hands over the connection). The core
-    // sees it as the extended CONNECT it is on HTTP/2 and HTTP/3, and answers a malformed target
-    // with 400.
-    //= https://www.rfc-editor.org/rfc/rfc9298#section-3.2
-    //# A UDP proxying request that does not conform to these restrictions is malformed.
-    //# The recipient of such a malformed request MUST respond with an error and SHOULD
-    //# use the 400 (Bad Request) status code.
-    let upgrade_udp = head.method == http::Method::GET && upgrade_requested(&head.headers);
-    if !upgrade_udp {
-        let pvd = crate::pvd::answer(
-            ctx.core.pvd.as_ref(),
-            &head.method,
-            None,
-            &head.uri,
-            "http/1.1",
-        );
-        if let Some(resp) = pvd {
-            return resp.map(Full::new);
-        }
-    }
-    let protocol = upgrade_udp.then(|| {
-        head.method = http::Method::CONNECT;
-        CONNECT_UDP
-    });
-    let (reply, answer) = oneshot::channel();
-    let exchange = H1Exchange {
-        reply,
-        on_upgrade,
-        upgrade_udp,
-        alt_svc: ctx.alt_svc.clone(),
+    first_head: Duration,
+) {
+    let config = &ctx.core.config;
+    let max_head = config.limits.max_request_head_bytes;
+    let head_timeout = config.handshake_timeout();
+    // Between requests, as on HTTP/2 and HTTP/3: a connection with no tunnel is closed after
+    // `connection_idle_secs`, so a keep-alive connection (e.g. after a 407) cannot hold its
+    // client-table slot forever.
+    let idle = Duration::from_secs(config.timeouts.connection_idle_secs);
+    let mut conn = H1Conn {
+        io,
+        buf: BytesMut::new(),
+        upgraded: false,
     };
-    let closed = ctx.closed.clone();
-    let core = ctx.core.clone();
-    ctx.tasks.spawn(async move {
-        tokio::select! {
-            _ = serve_request(&core, &client, &head, protocol, exchange) => {}
-            _ = closed.cancelled() => {}
+    let mut wait_first_byte = first_head;
+    loop {
+        let head = tokio::select! {
+            // Drain: no new request on this connection.
+            _ = ctx.shutdown.cancelled() => return,
+            head = read_head(&mut conn, max_head, wait_first_byte, head_timeout) => head,
+        };
+        wait_first_byte = idle;
+        let head = match head {
+            Ok(Some(head)) => head,
+            // Closed, timed out or unreadable between requests: nothing to answer.
+            Ok(None) => return,
+            Err(err) => {
+                metrics::counter!(m::REQUESTS_MALFORMED, "protocol" => "http/1.1").increment(1);
+                tracing::debug!(error = %err, "HTTP/1.1 request head refused");
+                let refusal = head_refusal(&err);
+                let _ =
+                    write_response(&mut conn.io, &error_response(&refusal), &[], &ctx, true).await;
+                let _ = conn.io.shutdown().await;
+                return;
+            }
+        };
+        conn.buf.advance(head.len);
+        let Some((parts, protocol)) = request_parts(&head) else {
+            let refusal = head_refusal(&HeadError::Malformed("invalid header field"));
+            let _ = write_response(&mut conn.io, &error_response(&refusal), &[], &ctx, true).await;
+            let _ = conn.io.shutdown().await;
+            return;
+        };
+        if protocol.is_none() {
+            let pvd = crate::pvd::answer(
+                ctx.core.pvd.as_ref(),
+                &parts.method,
+                None,
+                &parts.uri,
+                "http/1.1",
+            );
+            if let Some(resp) = pvd {
+                let (resp_head, body) = resp.into_parts();
+                let resp_head = http::Response::from_parts(resp_head, ());
+                let close = ctx.shutdown.is_cancelled();
+                if write_response(&mut conn.io, &resp_head, &body, &ctx, close)
+                    .await
+                    .is_err()
+                    || close
+                {
+                    return;
+                }
+                continue;
+            }
         }
-    });
-    match answer.await {
-        Ok(resp) => resp,
-        // The core ended without answering (drain cut it off).
-        Err(_) => {
-            let mut resp = Response::new(Full::default());
-            *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-            resp
+        let reset = Arc::new(AtomicBool::new(false));
+        let exchange = H1Exchange {
+            conn: &mut conn,
+            ctx: &ctx,
+            upgrade_udp: protocol.is_some(),
+            reset: reset.clone(),
+        };
+        // Biased: once the grace period is over an open tunnel ends itself (outcome `drained`,
+        // reset below); only a request still being dialled is cut here.
+        let cut = tokio::select! {
+            biased;
+            _ = serve_request(&ctx.core, &client, &parts, protocol, exchange) => false,
+            _ = ctx.closed.cancelled() => true,
+        };
+        if cut || reset.load(Ordering::Relaxed) {
+            return abort_connection(conn.io);
+        }
+        if conn.upgraded || ctx.shutdown.is_cancelled() {
+            // The tunnel ended (its pumps already sent close_notify or aborted), or the drain
+            // answered this request with `Connection: close`.
+            return;
         }
     }
 }
 
-/// `Upgrade` lists the connect-udp token (RFC 9110 §7.8: a comma-separated, case-insensitive list).
-fn upgrade_requested(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(CONNECT_UDP))
+/// The 400 or 431 for a head that cannot be served.
+fn head_refusal(err: &HeadError) -> TunnelError {
+    match err {
+        HeadError::TooLarge => TunnelError {
+            status: Some(431),
+            ..TunnelError::new(
+                ProxyError::HttpRequestError,
+                "request header section too large",
+            )
+        },
+        HeadError::Malformed(why) => TunnelError::new(ProxyError::HttpRequestError, why),
+        HeadError::Incomplete => {
+            TunnelError::new(ProxyError::HttpRequestError, "incomplete request head")
+        }
+    }
 }
 
-struct H1Exchange {
-    reply: oneshot::Sender<Response>,
-    on_upgrade: OnUpgrade,
+/// Ends the connection with a TCP RST instead of a FIN, so the client cannot mistake a tunnel cut
+/// short for one that ended (HTTP/1.1 has no stream reset; a FIN without TLS close_notify is
+/// only a truncation signal clients often ignore).
+fn abort_connection(io: Tls) {
+    let (tcp, _) = io.into_inner();
+    // SO_LINGER 0: close() sends RST and discards unsent data.
+    if let Err(e) = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "SO_LINGER 0 failed");
+    }
+}
+
+/// Reads until one request head is complete: `Ok(None)` when the connection closes or stays
+/// silent for `wait_first_byte` before a head starts; the head must then complete within
+/// `head_timeout`.
+async fn read_head(
+    conn: &mut H1Conn,
+    max_head: usize,
+    wait_first_byte: Duration,
+    head_timeout: Duration,
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut deadline = Instant::now() + wait_first_byte;
+    let mut started = !conn.buf.is_empty();
+    if started {
+        deadline = deadline.min(Instant::now() + head_timeout);
+    }
+    loop {
+        match parse_request_head(&conn.buf, max_head) {
+            Err(HeadError::Incomplete) => {}
+            verdict => return verdict.map(Some),
+        }
+        conn.buf.reserve(READ_CHUNK);
+        let read = tokio::time::timeout_at(deadline, conn.io.read_buf(&mut conn.buf)).await;
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                if started {
+                    metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "header_timeout")
+                        .increment(1);
+                }
+                return Ok(None);
+            }
+        }
+        if !started {
+            started = true;
+            deadline = deadline.min(Instant::now() + head_timeout);
+        }
+    }
+}
+
+/// The request as the tunnel core sees it. RFC 9298 §3.3: over HTTP/1.1, connect-udp is a GET
+/// with `Upgrade: connect-udp`; the core sees it as the extended CONNECT it is on HTTP/2 and
+/// HTTP/3. `None` if a field cannot be represented (never for a head httparse accepted, but not
+/// assumed).
+fn request_parts(head: &RequestHead) -> Option<(http::request::Parts, Option<&'static str>)> {
+    let (method, protocol) = match head.kind {
+        RequestKind::Connect(_) => (http::Method::CONNECT, None),
+        RequestKind::ConnectUdp => (http::Method::CONNECT, Some(CONNECT_UDP)),
+        RequestKind::Other => (http::Method::from_bytes(head.method.as_bytes()).ok()?, None),
+    };
+    let uri: http::Uri = match head.kind {
+        RequestKind::Other => head.target.parse().unwrap_or_default(),
+        _ => head.target.parse().ok()?,
+    };
+    let mut b = http::Request::builder().method(method).uri(uri);
+    for (name, value) in &head.headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+        let value = http::HeaderValue::from_bytes(value).ok()?;
+        b = b.header(name, value);
+    }
+    let (parts, ()) = b.body(()).ok()?.into_parts();
+    Some((parts, protocol))
+}
+
+/// Writes a response head and `body` (a PvD document, which carries its own Content-Length). A
+/// refusal has no content (`Content-Length: 0`, so the connection can carry the next request); a
+/// 2xx to CONNECT carries neither Content-Length nor Transfer-Encoding (RFC 9110 §8.6, §6.4.1).
+async fn write_response(
+    io: &mut Tls,
+    response: &http::Response<()>,
+    body: &[u8],
+    ctx: &FrontCtx,
+    close: bool,
+) -> io::Result<()> {
+    let status = response.status();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    let mut field = |name: &str, value: &[u8]| {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in response.headers() {
+        field(name.as_str(), value.as_bytes());
+    }
+    field(http::header::ALT_SVC.as_str(), ctx.alt_svc.as_bytes());
+    let tunnel = status.is_success() || status == http::StatusCode::SWITCHING_PROTOCOLS;
+    if !tunnel
+        && !response
+            .headers()
+            .contains_key(http::header::CONTENT_LENGTH)
+    {
+        field("content-length", b"0");
+    }
+    if !tunnel && close {
+        field("connection", b"close");
+    }
+    head.extend_from_slice(b"\r\n");
+    head.extend_from_slice(body);
+    io.write_all(&head).await?;
+    io.flush().await
+}
+
+struct H1Exchange<'a> {
+    conn: &'a mut H1Conn,
+    ctx: &'a FrontCtx,
     upgrade_udp: bool,
-    alt_svc: http::HeaderValue,
+    /// Set when the tunnel is reset: the connection then ends with a TCP RST.
+    reset: Arc<AtomicBool>,
 }
 
-impl Exchange for H1Exchange {
-    type Recv = H1Recv;
-    type Send = H1Send;
+impl<'a> Exchange for H1Exchange<'a> {
+    type Recv = H1Recv<'a>;
+    type Send = H1Send<'a>;
 
-    async fn respond(self, response: http::Response<()>) -> io::Result<Option<(H1Recv, H1Send)>> {
+    async fn respond(
+        self,
+        response: http::Response<()>,
+    ) -> io::Result<Option<(H1Recv<'a>, H1Send<'a>)>> {
         let (mut parts, ()) = response.into_parts();
-        parts.headers.insert(http::header::ALT_SVC, self.alt_svc);
         let ok = parts.status.is_success();
         if ok && self.upgrade_udp {
-            // RFC 9298 §3.3: `101 Switching Protocols` with `Connection: Upgrade` and
-            // `Upgrade: connect-udp` (the core already added `Capsule-Protocol: ?1`).
+            // RFC 9298 §3.3: `101 Switching Protocols` with `Upgrade: connect-udp` (the core
+            // already added `Capsule-Protocol: ?1`).
             parts.status = http::StatusCode::SWITCHING_PROTOCOLS;
             parts.headers.insert(
                 http::header::UPGRADE,
@@ -164,30 +306,31 @@ impl Exchange for H1Exchange {
                 http::HeaderValue::from_static("upgrade"),
             );
         }
-        self.reply
-            .send(http::Response::from_parts(parts, Full::default()))
-            .map_err(|_| io::Error::new(io::ErrorKind::ConnectionReset, "connection gone"))?;
+        let response = http::Response::from_parts(parts, ());
+        // During the drain a refusal is the connection's last response.
+        let close = self.ctx.shutdown.is_cancelled();
+        write_response(&mut self.conn.io, &response, &[], self.ctx, close).await?;
         if !ok {
             return Ok(None);
         }
-        // Resolves once hyper has written the 200/101 and hands over the connection, including
-        // any bytes the client sent right behind its request head.
-        let upgraded = self
-            .on_upgrade
-            .await
-            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e))?;
-        let (r, w) = tokio::io::split(TokioIo::new(upgraded));
+        self.conn.upgraded = true;
+        // Bytes the client sent right behind its request head are the tunnel's first bytes.
+        let early = self.conn.buf.split();
+        let (r, w) = tokio::io::split(&mut self.conn.io);
         Ok(Some((
             H1Recv {
                 inner: r,
-                buf: BytesMut::new(),
+                buf: early,
             },
-            H1Send { inner: w },
+            H1Send {
+                inner: w,
+                reset: self.reset,
+            },
         )))
     }
 
     fn udp_channels(&mut self) -> UdpChannels {
-        // Capsules only (RFC 9297 §3.5).
+        // Capsules only (RFC 9298 §3.3, RFC 9297 §3.5).
         UdpChannels {
             datagrams_in: None,
             datagrams_out: None,
@@ -199,15 +342,16 @@ impl Exchange for H1Exchange {
     }
 }
 
-const READ_CHUNK: usize = 16 * 1024;
-
-pub(crate) struct H1Recv {
-    inner: ReadHalf<TokioIo<Upgraded>>,
+pub(crate) struct H1Recv<'a> {
+    inner: ReadHalf<&'a mut Tls>,
     buf: BytesMut,
 }
 
-impl TunnelRecv for H1Recv {
+impl TunnelRecv for H1Recv<'_> {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        if !self.buf.is_empty() {
+            return Ok(Some(self.buf.split().freeze()));
+        }
         self.buf.reserve(READ_CHUNK);
         // A close without close_notify surfaces as an error (UnexpectedEof): treated like a
         // stream reset by the core.
@@ -219,15 +363,16 @@ impl TunnelRecv for H1Recv {
     }
 
     fn abort(&mut self, _why: Abort) {
-        // Nothing to send: the connection closes (without close_notify) once both halves drop.
+        // Nothing to send: the connection closes (without close_notify) once the tunnel ends.
     }
 }
 
-pub(crate) struct H1Send {
-    inner: WriteHalf<TokioIo<Upgraded>>,
+pub(crate) struct H1Send<'a> {
+    inner: WriteHalf<&'a mut Tls>,
+    reset: Arc<AtomicBool>,
 }
 
-impl TunnelSend for H1Send {
+impl TunnelSend for H1Send<'_> {
     async fn send(&mut self, data: Bytes) -> io::Result<()> {
         self.inner.write_all(&data).await?;
         self.inner.flush().await
@@ -239,7 +384,8 @@ impl TunnelSend for H1Send {
     }
 
     fn reset(&mut self, _why: Abort) {
-        // HTTP/1.1 has no reset code. Dropping both halves without `finish` closes the TCP
-        // connection with no close_notify: the client sees a truncated stream, not a clean end.
+        // HTTP/1.1 has no reset code: the connection ends with a TCP RST once the tunnel is
+        // over (`abort_connection`), which no client mistakes for a finished stream.
+        self.reset.store(true, Ordering::Relaxed);
     }
 }

@@ -27,6 +27,11 @@ const CONNECTION_WINDOW: u32 = 16 << 20;
 /// chunk of a TCP buffer, which it writes to the destination without copying it into its buffer.
 const MAX_FRAME_SIZE: u32 = 64 << 10;
 
+/// SETTINGS_MAX_HEADER_LIST_SIZE for h2: sixteen times the relay's limit, at least 256 KiB.
+fn h2_header_list_bound(limit: usize) -> u32 {
+    u32::try_from(limit.saturating_mul(16).max(256 << 10)).unwrap_or(u32::MAX)
+}
+
 /// Serves one HTTP/2 connection (TLS done, ALPN `h2`) until it closes or the drain ends it.
 pub(crate) async fn serve_connection<IO>(
     ctx: FrontCtx,
@@ -60,7 +65,10 @@ pub(crate) async fn serve_connection<IO>(
         .initial_connection_window_size(connection_window)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(limits.tcp_buffer_bytes)
-        .max_header_list_size(16 * 1024);
+        // The relay's own limit (`limits.max_request_head_bytes`) answers 431 on the one stream
+        // (tunnel::serve_request). h2's bound is only the backstop: a field it cannot buffer is a
+        // connection error (GOAWAY), so it sits well above ours.
+        .max_header_list_size(h2_header_list_bound(limits.max_request_head_bytes));
     let mut conn = match tokio::time::timeout(handshake, builder.handshake::<_, Bytes>(io)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -118,7 +126,10 @@ pub(crate) async fn serve_connection<IO>(
                             body,
                             alt_svc: ctx2.alt_svc.clone(),
                         };
+                        // Biased: once the grace period is over an open tunnel ends itself with a
+                        // reset (outcome `drained`); only a request still being dialled is dropped.
                         tokio::select! {
+                            biased;
                             _ = serve_request(&ctx2.core, &client, &head, protocol.as_deref(), exchange) => {}
                             _ = ctx2.closed.cancelled() => {}
                         }

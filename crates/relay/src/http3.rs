@@ -71,7 +71,8 @@ pub(crate) async fn serve_connection(
     let mut h3 = match h3::server::builder()
         .enable_extended_connect(true)
         .enable_datagram(true)
-        .max_field_section_size(16 * 1024)
+        // The same limit as every front-end; h3 answers 431 on the one stream beyond it.
+        .max_field_section_size(core.config.limits.max_request_head_bytes as u64)
         .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
         .await
     {
@@ -87,8 +88,28 @@ pub(crate) async fn serve_connection(
     // instead of idling until the client hangs up or the grace period runs out.
     let requests = TaskTracker::new();
     let mut draining = false;
+    // A connection with no request for `connection_idle_secs` is closed whatever the client
+    // sends: QUIC's own idle timeout is reset by every packet, so a client sending a PING now and
+    // then would hold its client-table slot forever (as on HTTP/2 and HTTP/1.1).
+    let idle = Duration::from_secs(core.config.timeouts.connection_idle_secs);
+    let mut idle_since = tokio::time::Instant::now();
+    let mut idle_check = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     loop {
         tokio::select! {
+            _ = idle_check.tick(), if !draining => {
+                if !requests.is_empty() {
+                    idle_since = tokio::time::Instant::now();
+                } else if idle_since.elapsed() >= idle {
+                    core.counters
+                        .idle_connections_closed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics::counter!(m::DROPS, "reason" => "connection_idle").increment(1);
+                    // RFC 9114 §5.2: GOAWAY, then close with H3_NO_ERROR.
+                    let _ = h3.shutdown(0).await;
+                    quic.close(quinn::VarInt::from_u32(0x100), b"idle");
+                    break;
+                }
+            }
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 //= https://www.rfc-editor.org/rfc/rfc9114#section-5.2
@@ -111,6 +132,11 @@ pub(crate) async fn serve_connection(
                 //# An endpoint that completes a
                 //# graceful shutdown SHOULD use the H3_NO_ERROR error code when closing
                 //# the connection.
+                // Closing discards what is not yet sent, so first give the last FINs and
+                // resets a few round trips to go out (the client usually closes first, having no
+                // request left).
+                let linger = (quic.rtt() * 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                let _ = tokio::time::timeout(linger, quic.closed()).await;
                 quic.close(quinn::VarInt::from_u32(0x100), b"shutdown");
                 break;
             }
@@ -124,12 +150,16 @@ pub(crate) async fn serve_connection(
                         // RFC 9114 §10.5: bound how long a request stream may sit without a
                         // complete header section (opening stream N implicitly opens all below it).
                         let header_wait = core.config.handshake_timeout();
-                        let resolved = match tokio::time::timeout(header_wait, resolver.resolve_request()).await {
-                            Ok(r) => r,
-                            Err(_) => {
-                                metrics::counter!(m::DROPS, "reason" => "request_header_timeout").increment(1);
-                                return;
-                            }
+                        let mut resolver = resolver;
+                        let first_frame = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
+                        let Ok(first_frame) = tokio::time::timeout(header_wait, first_frame).await else {
+                            metrics::counter!(m::DROPS, "reason" => "request_header_timeout").increment(1);
+                            abort_incomplete_request(&mut resolver.frame_stream);
+                            return;
+                        };
+                        let resolved = match resolver.accept_with_frame(first_frame) {
+                            Ok(request) => request.resolve().await,
+                            Err(e) => Err(e),
                         };
                         let (req, stream) = match resolved {
                             Ok(r) => r,
@@ -181,6 +211,20 @@ async fn send_whole_response(
     if let Err(e) = sent.await {
         tracing::debug!(error = %e, "response not delivered");
     }
+}
+
+/// Gives up on a request stream whose header section did not arrive in time: the response side
+/// is reset with H3_REQUEST_INCOMPLETE, which tells the client why.
+///
+/// The receive side can only be stopped with code 0 (quinn's drop): h3-quinn 0.0.10 moves the
+/// QUIC receive stream into the read that is pending on the stalled head, and its
+/// `stop_sending` unwraps the stream it no longer holds.
+fn abort_incomplete_request<S: h3::quic::SendStream<Bytes>>(stream: &mut S) {
+    //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1.1
+    //# If a client-initiated stream terminates without enough of the HTTP message to provide a
+    //# complete response, the server SHOULD abort its response stream with the error code
+    //# H3_REQUEST_INCOMPLETE.
+    stream.reset(Code::H3_REQUEST_INCOMPLETE.value());
 }
 
 /// Routes incoming QUIC DATAGRAM frames to their tunnel by quarter stream ID (RFC 9297 §2.1).

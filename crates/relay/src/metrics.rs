@@ -14,6 +14,8 @@ pub const AUTH_FAILURES: &str = "cfr_auth_failures_total";
 pub const POLICY_REFUSALS: &str = "cfr_policy_refusals_total";
 pub const DRAINING: &str = "cfr_draining";
 pub const REQUESTS: &str = "cfr_requests_total";
+pub const HANDSHAKES_RETRIED: &str = "cfr_quic_retries_total";
+pub const REQUESTS_MALFORMED: &str = "cfr_requests_malformed_total";
 
 /// Describes every metric once, so a scrape shows HELP lines even before traffic.
 pub fn describe() {
@@ -46,6 +48,14 @@ pub fn describe() {
     metrics::describe_counter!(
         REQUESTS,
         "Requests by front-end protocol (h3, h2, http/1.1)"
+    );
+    metrics::describe_counter!(
+        HANDSHAKES_RETRIED,
+        "QUIC Initials answered with a Retry (handshake rate or half-open count high)"
+    );
+    metrics::describe_counter!(
+        REQUESTS_MALFORMED,
+        "Request heads refused before any tunnel logic (400/431), by front-end protocol"
     );
 }
 

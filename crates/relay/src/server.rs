@@ -199,13 +199,33 @@ impl Relay {
             grace_secs = grace.as_secs(),
             "draining: GOAWAY sent, waiting for open tunnels"
         );
-        endpoint.set_server_config(None);
+        // The QUIC endpoint keeps its server config: new connections are refused below.
         draining.cancel();
         tasks.close();
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-            tracing::warn!("drain grace period over; closing remaining tunnels");
-        }
-        closed.cancel();
+        let grace_over = async {
+            if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+                tracing::warn!("drain grace period over; resetting remaining tunnels");
+                closed.cancel();
+                // Every open tunnel now resets its client stream (outcome `drained`) and its
+                // connection closes once the resets are out; this bounds the stragglers.
+                let _ = tokio::time::timeout(CLOSE_LINGER, tasks.wait()).await;
+            }
+            closed.cancel();
+        };
+        // New QUIC connections during the drain get an immediate CONNECTION_CLOSE
+        // (CONNECTION_REFUSED) instead of silence until the client's own timeout.
+        let refuse_new = async {
+            loop {
+                tokio::select! {
+                    _ = closed.cancelled() => break,
+                    incoming = endpoint.accept() => match incoming {
+                        Some(incoming) => incoming.refuse(),
+                        None => break,
+                    },
+                }
+            }
+        };
+        tokio::join!(grace_over, refuse_new);
         endpoint.close(quinn::VarInt::from_u32(0x100), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         metrics::gauge!(m::DRAINING).set(0.0);
@@ -243,6 +263,9 @@ fn sealed_pool(
     }
     Ok(cfr_egress::EgressPool::with_sealer(&config.egress, sealer).map_err(ConfigError::Egress)?)
 }
+
+/// How long connections get after the grace period to deliver their tunnels' resets and close.
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Binds the QUIC endpoint and, unless disabled, the TCP listener. Without `listen_tcp` the TCP
 /// listener takes the QUIC socket's port number; when `listen` asks for an ephemeral port and that

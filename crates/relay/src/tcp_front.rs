@@ -75,9 +75,15 @@ impl TcpFront {
         ctx.tasks.clone().spawn(async move {
             let _slot = slot;
             let closed = ctx.closed.clone();
+            // When the grace period ends, the connection's tunnels reset themselves (outcome
+            // `drained`); the connection gets a moment to send those resets before it is dropped.
             tokio::select! {
+                biased;
                 _ = serve_connection(ctx, acceptor, tcp, peer) => {}
-                _ = closed.cancelled() => {}
+                _ = async {
+                    closed.cancelled().await;
+                    tokio::time::sleep(crate::server::CLOSE_LINGER).await;
+                } => {}
             }
         });
     }
@@ -110,11 +116,12 @@ async fn serve_connection(ctx: FrontCtx, acceptor: TlsAcceptor, tcp: TcpStream, 
     let protocol = if h2 { "h2" } else { "http/1.1" };
     let conn = ActiveConnection::open(&ctx.core, peer, protocol, leaf);
     let client = conn.client.clone();
-    // The rest of the handshake budget covers the HTTP/2 preface and SETTINGS.
+    // The rest of the handshake budget covers the HTTP/2 preface and SETTINGS, or the first
+    // HTTP/1.1 request head.
     let left = handshake.saturating_sub(started.elapsed());
     if h2 {
         http2::serve_connection(ctx, tls, client, left).await;
     } else {
-        http1::serve_connection(ctx, tls, client).await;
+        http1::serve_connection(ctx, tls, client, left).await;
     }
 }

@@ -442,6 +442,13 @@ async fn a_request_stream_without_complete_headers_is_closed_after_the_handshake
         ended.is_ok(),
         "the relay must give up on a stalled request head, not hold the stream"
     );
+    // RFC 9114 §4.1.1: the response side is reset with H3_REQUEST_INCOMPLETE (0x10d). (The
+    // STOP_SENDING half still says 0: see http3::abort_incomplete_request.)
+    let incomplete = quinn::VarInt::from_u32(0x10d);
+    assert!(
+        matches!(ended, Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c)))) if c == incomplete),
+        "the response stream is reset with H3_REQUEST_INCOMPLETE: {ended:?}"
+    );
     // The connection itself is fine.
     tcp_roundtrip(&client, &target(echo.addr()), b"after stalled stream").await;
 }

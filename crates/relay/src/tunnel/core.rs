@@ -34,6 +34,8 @@ pub struct Core {
     pub udp_template: cfr_proto::UdpTemplate,
     /// The PvD served at `/.well-known/pvd`, if `pvd.identifier` is set.
     pub pvd: Option<crate::pvd::PvdPublisher>,
+    /// The drain's grace period is over: every open tunnel is aborted (outcome `drained`).
+    pub grace_over: tokio_util::sync::CancellationToken,
 }
 
 /// Refusals and drops of one relay, readable in-process (tests, status pages) like
@@ -44,6 +46,12 @@ pub struct RelayCounters {
     pub policy_refusals: AtomicU64,
     /// UDP payloads dropped for any reason (full queues, unknown context IDs, send errors).
     pub datagram_drops: AtomicU64,
+    /// QUIC Initials answered with a Retry (address validation under load).
+    pub quic_retries: AtomicU64,
+    /// Client connections closed for holding no tunnel for `timeouts.connection_idle_secs`.
+    pub idle_connections_closed: AtomicU64,
+    /// Tunnels aborted at the end of the drain's grace period.
+    pub tunnels_drained: AtomicU64,
 }
 
 impl RelayCounters {
@@ -53,6 +61,15 @@ impl RelayCounters {
 }
 
 impl Core {
+    /// Tallies how a tunnel ended where [`RelayCounters`] keeps it.
+    pub(super) fn tunnel_ended(&self, stats: &super::pump::TunnelStats) {
+        if stats.outcome == super::pump::TunnelOutcome::Drained {
+            self.counters
+                .tunnels_drained
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts one dropped UDP payload, in the metrics (by reason) and in [`RelayCounters`].
     pub fn datagram_dropped(&self, reason: &'static str) {
         metrics::counter!(m::DROPS, "reason" => reason).increment(1);
@@ -125,6 +142,7 @@ impl Core {
             counters: RelayCounters::default(),
             udp_template,
             pvd: None,
+            grace_over: tokio_util::sync::CancellationToken::new(),
         }
     }
 

@@ -20,6 +20,8 @@ pub enum TunnelOutcome {
     MalformedCapsule,
     /// Nothing moved either way for the configured idle time.
     IdleTimeout,
+    /// Still open when the drain's grace period ended.
+    Drained,
 }
 
 impl TunnelOutcome {
@@ -30,6 +32,7 @@ impl TunnelOutcome {
             TunnelOutcome::TargetReset => "target_reset",
             TunnelOutcome::MalformedCapsule => "malformed_capsule",
             TunnelOutcome::IdleTimeout => "idle_timeout",
+            TunnelOutcome::Drained => "drained",
         }
     }
 
@@ -40,6 +43,8 @@ impl TunnelOutcome {
             TunnelOutcome::ClientReset | TunnelOutcome::IdleTimeout => Some(Abort::Cancelled),
             TunnelOutcome::TargetReset => Some(Abort::ConnectError),
             TunnelOutcome::MalformedCapsule => Some(Abort::DatagramError),
+            // The client must not mistake a cut tunnel for a finished one: reset, never FIN.
+            TunnelOutcome::Drained => Some(Abort::ConnectError),
         }
     }
 }
@@ -61,6 +66,12 @@ pub(super) fn abort_client<R: TunnelRecv, S: TunnelSend>(
         tx.reset(why);
         rx.abort(why);
     }
+}
+
+/// Resolves with [`TunnelOutcome::Drained`] once the drain's grace period is over.
+pub(super) async fn grace_over(token: &tokio_util::sync::CancellationToken) -> TunnelOutcome {
+    token.cancelled().await;
+    TunnelOutcome::Drained
 }
 
 /// What a finished tunnel did, for its log line.

@@ -75,6 +75,55 @@ pub fn classify(
     }
 }
 
+/// One header-section limit for every front-end: a request over it gets 431 on its own stream,
+/// whatever framing carried it (HTTP/1.1 heads are also bounded in bytes before parsing; HTTP/3's
+/// QPACK decoder and HTTP/2's HPACK decoder at the same or a larger bound).
+fn check_header_section_size(
+    head: &http::request::Parts,
+    protocol: Option<&str>,
+    limit: usize,
+) -> Result<(), TunnelError> {
+    if header_section_size(head, protocol) <= limit {
+        return Ok(());
+    }
+    metrics::counter!(m::DROPS, "reason" => "header_section_too_large").increment(1);
+    Err(TunnelError {
+        status: Some(431),
+        ..TunnelError::new(
+            ProxyError::HttpRequestError,
+            "request header section too large",
+        )
+    })
+}
+
+/// The size of a request's header section as HTTP/2 and HTTP/3 count it, pseudo-header fields
+/// included.
+//= https://www.rfc-editor.org/rfc/rfc9114#section-4.2.2
+//# The size of a field list is calculated based on the uncompressed size of fields, including
+//# the length of the name and value in bytes plus an overhead of 32 bytes for each field.
+pub fn header_section_size(head: &http::request::Parts, protocol: Option<&str>) -> usize {
+    const OVERHEAD: usize = 32;
+    let field = |name: &str, value: &str| name.len() + value.len() + OVERHEAD;
+    let mut size = field(":method", head.method.as_str());
+    if let Some(a) = head.uri.authority() {
+        size += field(":authority", a.as_str());
+    }
+    if let Some(p) = protocol {
+        size += field(":protocol", p);
+    }
+    if let Some(s) = head.uri.scheme_str() {
+        size += field(":scheme", s);
+    }
+    if let Some(p) = head.uri.path_and_query() {
+        size += field(":path", p.as_str());
+    }
+    size + head
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + OVERHEAD)
+        .sum::<usize>()
+}
+
 /// The whole life of one tunnel request on any front-end: authenticate (before any DNS lookup or
 /// dial), validate, admit against limits, open the destination side, answer, relay, log.
 //= https://www.rfc-editor.org/rfc/rfc9114#section-4.4
@@ -100,11 +149,13 @@ pub async fn serve_request<E: Exchange>(
     let started = Instant::now();
     let id = tunnel_id();
     core.request_seen(exchange.protocol());
-    let request = core
-        .authenticate(&head.headers, conn)
-        .and_then(|subscriber| {
-            classify(&head.method, protocol, &head.uri, &core.udp_template).map(|r| (subscriber, r))
-        });
+    let request =
+        check_header_section_size(head, protocol, core.config.limits.max_request_head_bytes)
+            .and_then(|()| core.authenticate(&head.headers, conn))
+            .and_then(|subscriber| {
+                classify(&head.method, protocol, &head.uri, &core.udp_template)
+                    .map(|r| (subscriber, r))
+            });
     let (subscriber, request) = match request {
         Ok(r) => r,
         Err(err) => {
@@ -134,6 +185,7 @@ pub async fn serve_request<E: Exchange>(
             };
             let _active = ActiveTunnel::new(kind);
             let stats = relay_tcp(core, tcp, rx, tx).await;
+            core.tunnel_ended(&stats);
             log_tunnel_end(&id, kind, &target, 200, &stats, started);
         }
         TunnelKind::Udp => {
@@ -147,6 +199,7 @@ pub async fn serve_request<E: Exchange>(
             };
             let _active = ActiveTunnel::new(kind);
             let stats = relay_udp(core, sock, rx, tx, channels).await;
+            core.tunnel_ended(&stats);
             log_tunnel_end(&id, kind, &target, 200, &stats, started);
         }
     }

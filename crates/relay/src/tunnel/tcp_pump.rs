@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use super::core::Core;
 use super::exchange::{TunnelRecv, TunnelSend};
-use super::pump::{abort_client, Activity, TunnelOutcome, TunnelStats};
+use super::pump::{abort_client, grace_over, Activity, TunnelOutcome, TunnelStats};
 use crate::metrics as m;
 
 /// Moves a TCP byte stream both ways until both directions have ended: FIN from the client
@@ -114,10 +114,11 @@ pub async fn relay_tcp<R: TunnelRecv, S: TunnelSend>(
     let result = tokio::select! {
         r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
         r = idle_timer => r,
+        o = grace_over(&core.grace_over) => Err(o),
     };
     let outcome = result.err().unwrap_or_default();
-    if outcome == TunnelOutcome::ClientReset {
-        // Client reset: abort the TCP connection with RST (linger 0) rather than FIN.
+    if matches!(outcome, TunnelOutcome::ClientReset | TunnelOutcome::Drained) {
+        // Client reset or drain: abort the TCP connection with RST (linger 0) rather than FIN.
         let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     }
     abort_client(outcome, &mut rx, &mut tx);

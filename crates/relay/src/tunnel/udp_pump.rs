@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::core::Core;
 use super::exchange::{TunnelRecv, TunnelSend, UdpChannels};
-use super::pump::{abort_client, Activity, TunnelOutcome, TunnelStats};
+use super::pump::{abort_client, grace_over, Activity, TunnelOutcome, TunnelStats};
 use crate::metrics as m;
 
 /// Moves UDP payloads between the client (QUIC datagrams and/or DATAGRAM capsules) and the
@@ -254,6 +254,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
         _ = from_socket => Ok(()),
         r = to_stream => r,
         r = idle_timer => r,
+        o = grace_over(&core.grace_over) => Err(o),
     };
     let outcome = result.err().unwrap_or_default();
     if outcome == TunnelOutcome::Closed {
