@@ -11,6 +11,7 @@ pub mod env;
 pub mod fleet;
 pub mod front;
 pub mod peer;
+pub mod process;
 pub mod report;
 pub mod scale;
 pub mod setup;
