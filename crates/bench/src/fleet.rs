@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use cfr_client::{ClientConfig, RelayClient, Trust};
 
 use crate::env::{serve_bulk, Dir};
+use crate::process::CfrProcess;
 use crate::report::Row;
 use crate::{scale, tcp, Plan};
 
@@ -177,8 +178,7 @@ fn measure(bin: &Path, members: u32, bytes: u64) -> Result<f64, String> {
     )?;
     let mut children = Vec::new();
     for id in 1..=members {
-        let member = spawn_member(bin, &host.0, &fleet_file, id, Stdio::null(), "warn")?;
-        children.push(ChildGuard(member));
+        children.push(spawn_member(bin, &host.0, &fleet_file, id, None, "warn")?);
     }
 
     let ca = pki.ca_cert.clone();
@@ -249,53 +249,25 @@ fn run_cmd(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// A member process, killed on drop.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts member `id` (`cfr relay --fleet FILE --instance ID --print-ready`) in namespace `ns`,
-/// its log (at `log_level`) to `stderr`, and waits at most 20 s for its ready line.
+/// its log (at `log_level`) to the file `log` or discarded, and waits at most 20 s for its ready
+/// line.
 pub fn spawn_member(
     bin: &Path,
     ns: &str,
     fleet_file: &Path,
     id: u32,
-    stderr: Stdio,
+    log: Option<&Path>,
     log_level: &str,
-) -> Result<std::process::Child, String> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
+) -> Result<CfrProcess, String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
         .arg(bin)
         .args(["relay", "--print-ready", "--fleet"])
         .arg(fleet_file)
         .args(["--instance", &id.to_string()])
-        .env("RUST_LOG", log_level)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .map_err(|e| format!("starting member {id}: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next().and_then(Result::ok));
-        // Keep reading so the member never blocks on a full pipe.
-        for _ in lines.map_while(Result::ok) {}
-    });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(Some(line)) if line.contains("\"ready\":true") => Ok(child),
-        other => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(format!("member {id} did not become ready: {other:?}"))
-        }
-    }
+        .env("RUST_LOG", log_level);
+    CfrProcess::spawn_ready(cmd, log, Duration::from_secs(20))
+        .map(|(member, _ready)| member)
+        .map_err(|e| format!("member {id}: {e}"))
 }

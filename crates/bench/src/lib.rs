@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod flood;
 pub mod front;
 pub mod peer;
+pub mod process;
 pub mod report;
 pub mod scale;
 pub mod setup;

@@ -17,10 +17,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cfr_bench::process::CfrProcess;
 use cfr_client::{ClientConfig, RelayClient, Trust};
 use cfr_testkit::netns::NetNs;
 use cfr_testkit::relay::target;
@@ -130,42 +131,24 @@ fn start_destinations(ns: &NetNs, tcp_ports: u16) -> Arc<Mutex<Seen>> {
 /// A member process, killed on drop.
 struct Member {
     id: u32,
-    child: Child,
-    stderr: PathBuf,
+    process: CfrProcess,
 }
 
 impl Member {
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.process.log()
     }
 
     fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.is_running()
     }
 
     async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "member {} did not exit within {limit:?}:\n{}",
-                self.id,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        let id = self.id;
+        self.process
+            .wait_exit(limit)
+            .await
+            .unwrap_or_else(|e| panic!("member {id}: {e}"))
     }
 }
 
@@ -437,21 +420,17 @@ epoch_secs = {epoch_secs}
 
 /// Starts `cfr relay --fleet FILE --instance ID` in namespace `ns` and waits for its ready line.
 fn spawn_member(ns: &str, dir: &Path, fleet_file: &Path, id: u32) -> Member {
-    let stderr = dir.join(format!("member-{id}.stderr"));
-    let log = std::fs::File::create(&stderr).unwrap();
-    let child = cfr_bench::fleet::spawn_member(
+    let log = dir.join(format!("member-{id}.stderr"));
+    let process = cfr_bench::fleet::spawn_member(
         Path::new(env!("CARGO_BIN_EXE_cfr")),
         ns,
         fleet_file,
         id,
-        Stdio::from(log),
+        Some(&log),
         "info",
     )
-    .unwrap_or_else(|e| {
-        let log = std::fs::read_to_string(&stderr).unwrap_or_default();
-        panic!("member {id}: {e}\n{log}")
-    });
-    Member { id, child, stderr }
+    .unwrap_or_else(|e| panic!("{e}"));
+    Member { id, process }
 }
 
 /// `cfr fleet apply --fleet FILE [--drain ID]...` in the router namespace.
@@ -923,7 +902,11 @@ fn a_draining_member_finishes_its_tunnels_byte_exact_and_new_connections_go_else
     let member_ns = fleet.member_ns_names();
     let router = fleet.router.name.clone();
     let fleet_file = fleet.fleet_file.clone();
-    let pids: BTreeMap<u32, u32> = fleet.members.iter().map(|m| (m.id, m.child.id())).collect();
+    let pids: BTreeMap<u32, u32> = fleet
+        .members
+        .iter()
+        .map(|m| (m.id, m.process.id()))
+        .collect();
     let drained = fleet.in_clients(move || async move {
         let clients = one_client_per_member(&dir, &member_ns, 0).await;
         let (&drained, (di, dclient)) = clients.iter().next().unwrap();
@@ -1092,4 +1075,141 @@ fn a_member_joins_without_remapping_open_connections() {
     for m in &mut fleet.members {
         assert!(m.is_running(), "member {} kept running", m.id);
     }
+}
+
+/// The fleet's PvD (`[relay.pvd]` in the fleet file): every member serves the same bytes, listing
+/// the service; `cfr client --discover SERVICE` learns it through the balancer and tunnels through
+/// the fleet.
+#[test]
+fn every_member_serves_the_same_pvd_and_cfr_client_discovers_the_service() {
+    let fleet = Fleet::start(
+        "[relay.pvd]\nidentifier = \"192.0.2.10\"\nexpires_secs = 3600\n",
+        600,
+    );
+    let ca = fleet.dir.path().join("certs/ca.pem");
+    // Each member in its own namespace, where SERVICE (on its lo) is that member alone, each
+    // asked in a later wall-clock second than the one before (a PvD whose `expires` counted from
+    // its first request would differ). The document changes when the wall clock enters a new
+    // half-lifetime period: a round that straddles one is repeated.
+    let unix_secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let bodies = loop {
+        let before = unix_secs();
+        let mut asked = before;
+        let bodies: Vec<Vec<u8>> = fleet
+            .member_ns_names()
+            .into_iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                if i > 0 {
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    while unix_secs() == asked {
+                        assert!(Instant::now() < deadline, "the wall clock stands still");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                asked = unix_secs();
+                let ca = ca.clone();
+                in_netns(&ns, move || async move {
+                    let location = cfr_client::discover::PvdLocation::parse(SERVICE).unwrap();
+                    let base = ClientConfig::new(format!("https://{SERVICE}"), Trust::CaFile(ca));
+                    let (head, body) = cfr_client::discover::fetch(
+                        &location,
+                        &base,
+                        &[cfr_client::discover::ALPN_H2],
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("GET /.well-known/pvd from a member: {e}"));
+                    assert_eq!(head.status, 200);
+                    body.to_vec()
+                })
+            })
+            .collect();
+        if before / 1800 == unix_secs() / 1800 {
+            break bodies;
+        }
+    };
+    for (id, body) in MEMBERS.iter().zip(&bodies) {
+        assert_eq!(
+            body,
+            &bodies[0],
+            "member {id} serves other bytes than member 1:\n{}\n{}",
+            String::from_utf8_lossy(body),
+            String::from_utf8_lossy(&bodies[0])
+        );
+    }
+    let doc = cfr_proto::pvd::parse(&bodies[0]).unwrap();
+    doc.check("192.0.2.10", std::time::SystemTime::now())
+        .unwrap();
+    let proxies: Vec<(&str, &str)> = doc
+        .proxies
+        .iter()
+        .map(|p| (p.protocol.as_str(), p.proxy.as_str()))
+        .collect();
+    assert_eq!(
+        proxies,
+        [
+            (
+                "connect-udp",
+                "https://192.0.2.10:443/.well-known/masque/udp/{target_host}/{target_port}/"
+            ),
+            ("https-connect", "192.0.2.10:443"),
+        ]
+    );
+
+    // The client in C knows the service name only; the PvD fetch (TCP) and the tunnels (QUIC)
+    // go through the balancer.
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &fleet.clients.name,
+        env!("CARGO_BIN_EXE_cfr"),
+    ])
+    .args(["client", "--discover", "192.0.2.10", "--ca"])
+    .arg(&ca)
+    .args(["--http", "127.0.0.1:0", "--print-ready"])
+    .env("RUST_LOG", "info");
+    let log = fleet.dir.path().join("client.stderr");
+    let (client, ready) = CfrProcess::spawn_ready(cmd, Some(&log), LIMIT)
+        .unwrap_or_else(|e| panic!("cfr client --discover: {e}"));
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let proxy: SocketAddr = ready["http"].as_str().unwrap().parse().unwrap();
+    let echoed = fleet.in_clients(move || async move {
+        let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        s.write_all(
+            format!("CONNECT [{DEST}]:7000 HTTP/1.1\r\nHost: [{DEST}]:7000\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(LIMIT, s.read(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(n, 1, "proxy closed during the response head: {head:?}");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        s.write_all(b"through the discovered fleet").await.unwrap();
+        let mut back = [0u8; 28];
+        tokio::time::timeout(LIMIT, s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        back
+    });
+    assert_eq!(&echoed, b"through the discovered fleet", "{}", client.log());
+    let source = fleet.seen.lock().unwrap().tcp[&7000].last().unwrap().1;
+    assert!(
+        fleet.share_owner(source).is_some(),
+        "the tunnel left from {source}, outside every member's egress share"
+    );
 }

@@ -3,11 +3,12 @@
 //! config validation. Everything on loopback; every wait bounded.
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cfr_bench::process::CfrProcess;
 use cfr_client::{ClientConfig, RelayClient, Trust};
 use cfr_proto::{ProxyError, Target};
 use cfr_testkit::origins::{pattern_fill, TcpEcho, UdpEcho};
@@ -24,10 +25,9 @@ fn cfr() -> Command {
 
 /// A `cfr relay` child process, killed on drop if it is still running.
 struct RelayProc {
-    child: Child,
+    process: CfrProcess,
     addr: SocketAddr,
     dir: PathBuf,
-    stderr: PathBuf,
 }
 
 impl RelayProc {
@@ -35,46 +35,23 @@ impl RelayProc {
     /// line on stdout.
     fn start(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> RelayProc {
         let stderr = dir.join(format!("relay-{}.stderr", std::process::id()));
-        let stderr_file = std::fs::File::create(&stderr).unwrap();
         let mut cmd = cfr();
         cmd.current_dir(dir)
             .args(["relay", "--listen", "127.0.0.1:0", "--print-ready"])
             .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr_file));
+            .env_remove("RUST_LOG");
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn cfr relay");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let line = rx.recv_timeout(LIMIT).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!(
-                "cfr relay printed no ready line within {LIMIT:?}; stderr:\n{}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            )
-        });
+        let (process, line) =
+            CfrProcess::spawn_ready(cmd, Some(&stderr), LIMIT).unwrap_or_else(|e| panic!("{e}"));
         let ready: serde_json::Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("ready line is not JSON ({e}): {line}"));
-        assert_eq!(ready["ready"], true, "ready line: {line}");
         let addr = ready["listen"].as_str().unwrap().parse().unwrap();
         RelayProc {
-            child,
+            process,
             addr,
             dir: dir.to_owned(),
-            stderr,
         }
     }
 
@@ -99,7 +76,7 @@ impl RelayProc {
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.process.log()
     }
 
     /// Waits (at most `limit`) until the relay's stderr satisfies `done`; returns it. The file is
@@ -127,7 +104,7 @@ impl RelayProc {
     fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
+            .arg(self.process.id().to_string())
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{sig} failed");
@@ -135,27 +112,10 @@ impl RelayProc {
 
     /// Waits at most `limit` for the process to exit.
     async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cfr relay did not exit within {limit:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process
+            .wait_exit(limit)
+            .await
+            .unwrap_or_else(|e| panic!("cfr relay: {e}"))
     }
 }
 

@@ -269,6 +269,7 @@ impl FleetConfig {
             ));
         }
         self.validate_egress(&ids)?;
+        self.validate_pvd()?;
         if !self.relay.egress.prefixes.is_empty() {
             return Err(invalid(
                 "relay.egress.prefixes",
@@ -303,6 +304,44 @@ impl FleetConfig {
             })?;
         }
         Ok(())
+    }
+
+    /// The fleet publishes one PvD for the service (see [`FleetConfig::member`]): its identifier
+    /// must lead clients to the service, and its port must be the service's.
+    fn validate_pvd(&self) -> Result<(), FleetError> {
+        let pvd = &self.relay.pvd;
+        let Some(identifier) = &pvd.identifier else {
+            return Ok(());
+        };
+        let host = identifier.strip_suffix('.').unwrap_or(identifier);
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = literal.parse::<IpAddr>() {
+            if !self.fleet.service.iter().any(|s| s.ip() == ip) {
+                return Err(invalid(
+                    "relay.pvd.identifier",
+                    format!(
+                        "{ip} is not a fleet.service address: clients must reach the service, not one member"
+                    ),
+                ));
+            }
+        }
+        if pvd.port.is_none() && self.service_port().is_none() {
+            return Err(invalid(
+                "relay.pvd.port",
+                "the fleet.service addresses use different ports: say which one the PvD publishes",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The port every `fleet.service` address uses, if they agree.
+    pub fn service_port(&self) -> Option<u16> {
+        let first = self.fleet.service.first()?.port();
+        self.fleet
+            .service
+            .iter()
+            .all(|s| s.port() == first)
+            .then_some(first)
     }
 
     fn validate_egress(&self, ids: &BTreeSet<u32>) -> Result<(), FleetError> {
@@ -401,6 +440,14 @@ impl FleetConfig {
         relay.egress.epoch_secret_file = self.fleet.secret_file.clone();
         // Sealed egress addresses (egress.sealing) name the member that sealed them.
         relay.egress.instance_id = inst.id;
+        // Every member publishes the same PvD: the fleet is one service with one name, so its
+        // proxies are `relay.pvd.identifier` at the service port the balancer steers — never a
+        // member's own listen address (private, and a draining or removed member would stay
+        // advertised for a whole PvD lifetime). Same identifier, proxies and wall-clock `expires`
+        // schedule: byte-identical documents from every member.
+        if relay.pvd.port.is_none() {
+            relay.pvd.port = self.service_port();
+        }
         let server_id = self.server_id(inst.id);
         let lb = &self.fleet.quic_lb;
         relay.quic_lb = ServerId::new(&server_id)
@@ -548,6 +595,72 @@ listen = "192.0.2.10:4433"
         assert!(e.contains("fleet.instance.host"), "{e}");
         let e = err(&THREE.replace("service = [", "servic = ["));
         assert!(e.contains("servic"), "{e}");
+    }
+
+    #[test]
+    fn every_member_publishes_the_same_pvd_listing_the_service() {
+        use cfr_relay::pvd::PvdPublisher;
+        let text = format!(
+            "{THREE}\n[relay.pvd]\nidentifier = \"relay.example.net\"\nexpires_secs = 7200\n"
+        );
+        let f = FleetConfig::from_toml(&text).unwrap();
+        let now = std::time::SystemTime::now();
+        let served = |id: u32| {
+            let relay = f.member(id).unwrap().relay;
+            // What `cfr relay` does with the ports it bound (UDP and TCP share the listen port).
+            let port = relay.listen.port();
+            let publisher = PvdPublisher::new(&relay, port, Some(port))
+                .unwrap()
+                .unwrap();
+            publisher.current(now)
+        };
+        let (one, expires) = served(1);
+        assert_eq!(served(2), (one.clone(), expires));
+        assert_eq!(served(3).0, one);
+        let body = std::str::from_utf8(&one).unwrap();
+        let compact: String = body.split_whitespace().collect();
+        assert!(
+            compact.contains(r#""proxy":"relay.example.net:443""#)
+                && compact
+                    .contains(r#""proxy":"https://relay.example.net:443/.well-known/masque/udp/"#),
+            "{body}"
+        );
+        for member in ["4431", "4432", "4433", "192.0.2.10"] {
+            assert!(
+                !body.contains(member),
+                "a member address is published: {body}"
+            );
+        }
+        // An explicit port (a port mapping in front of the balancer) is kept.
+        let mapped = text.replace("expires_secs", "port = 8443\nexpires_secs");
+        let f = FleetConfig::from_toml(&mapped).unwrap();
+        assert_eq!(f.member(2).unwrap().relay.pvd.port, Some(8443));
+    }
+
+    #[test]
+    fn a_pvd_that_would_not_lead_to_the_service_is_rejected() {
+        let e = err(&format!(
+            "{THREE}\n[relay.pvd]\nidentifier = \"192.0.2.11\"\n"
+        ));
+        assert!(e.contains("relay.pvd.identifier"), "{e}");
+        assert!(FleetConfig::from_toml(&format!(
+            "{THREE}\n[relay.pvd]\nidentifier = \"192.0.2.10\"\n"
+        ))
+        .is_ok());
+        let two_ports = THREE.replace(
+            r#"service = ["192.0.2.10:443"]"#,
+            r#"service = ["192.0.2.10:443", "[2001:db8::10]:8443"]"#,
+        );
+        let e = err(&format!(
+            "{two_ports}\n[relay.pvd]\nidentifier = \"relay.example.net\"\n"
+        ));
+        assert!(e.contains("relay.pvd.port"), "{e}");
+        assert!(FleetConfig::from_toml(&format!(
+            "{two_ports}\n[relay.pvd]\nidentifier = \"relay.example.net\"\nport = 443\n"
+        ))
+        .is_ok());
+        // Without a PvD the service ports may differ.
+        assert!(FleetConfig::from_toml(&two_ports).is_ok());
     }
 
     #[test]

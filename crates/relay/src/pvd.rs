@@ -4,7 +4,9 @@
 //! configured others. It says nothing about clients.
 //!
 //! The document is rendered once per half-life and served byte-identical on HTTP/3, HTTP/2 and
-//! HTTP/1.1; `cache-control: max-age` counts down to its `expires`.
+//! HTTP/1.1; `cache-control: max-age` counts down to its `expires`. Its `expires` follows the wall
+//! clock, not the process: relays with the same configuration (every member of a fleet) serve the
+//! same bytes at the same time.
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -187,24 +189,16 @@ impl PvdPublisher {
         }))
     }
 
-    /// The current body and its `expires`; re-rendered once less than half the lifetime is left,
-    /// so a client always gets at least half a lifetime.
+    /// The current body and its `expires`; re-rendered when the wall clock enters a new half
+    /// lifetime, so a client always gets at least half a lifetime.
     pub fn current(&self, now: SystemTime) -> (Bytes, SystemTime) {
+        let expires = self.expires_at(now);
         let mut rendered = self.rendered.lock().expect("pvd lock");
-        if let Some((expires, body)) = &*rendered {
-            if expires
-                .duration_since(now)
-                .is_ok_and(|left| left >= self.lifetime / 2)
-            {
-                return (body.clone(), *expires);
+        if let Some((cached, body)) = &*rendered {
+            if *cached == expires {
+                return (body.clone(), expires);
             }
         }
-        // Whole seconds: RFC 3339 without a fraction.
-        let since_epoch = (now + self.lifetime)
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(since_epoch);
         let mut doc = self.document.clone();
         doc.expires = time::OffsetDateTime::from(expires);
         let body = Bytes::from(
@@ -213,6 +207,22 @@ impl PvdPublisher {
         );
         *rendered = Some((expires, body.clone()));
         (body, expires)
+    }
+
+    /// The `expires` of the document served at `now`. The wall clock is cut into periods of half
+    /// a lifetime (whole seconds, at least one) counted from the Unix epoch; a document served in
+    /// the period starting at `start` expires at `start + lifetime`. So it depends on the clock
+    /// alone, never on when the process started (fleet members agree within their clocks' skew),
+    /// and a client gets more than `lifetime - half` ≥ half a lifetime.
+    fn expires_at(&self, now: SystemTime) -> SystemTime {
+        let lifetime = self.lifetime.as_secs();
+        let half = (lifetime / 2).max(1);
+        let now = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        // Whole seconds: RFC 3339 without a fraction.
+        SystemTime::UNIX_EPOCH + Duration::from_secs(now / half * half + lifetime)
     }
 
     /// The complete response: 200, `application/pvd+json`, caching until `expires`.
@@ -270,7 +280,9 @@ mod tests {
             "connect_udp_template = \"/m/{target_host}/{target_port}\"\n[pvd]\nidentifier = \"relay.example\"\n",
         );
         let p = PvdPublisher::new(&cfg, 4433, Some(4433)).unwrap().unwrap();
-        let now = SystemTime::now();
+        // 100 s into a half-lifetime period of the wall clock.
+        let period = SystemTime::UNIX_EPOCH + Duration::from_secs(1800 * 944_445);
+        let now = period + Duration::from_secs(100);
         let (body, expires) = p.current(now);
         let doc = cfr_proto::pvd::parse(&body).unwrap();
         doc.check("relay.example", now).unwrap();
@@ -283,13 +295,12 @@ mod tests {
         assert_eq!(doc.proxies[1].protocol, "https-connect");
         assert_eq!(doc.proxies[1].proxy, "relay.example:4433");
         assert!(doc.prefixes.is_empty() && doc.proxy_match.is_empty());
-        let left = expires.duration_since(now).unwrap();
-        assert!(left <= Duration::from_secs(3600) && left > Duration::from_secs(3598));
-        // Same rendering until half-life, a new one after.
-        assert_eq!(p.current(now + Duration::from_secs(1700)).0, body);
-        let (later, later_exp) = p.current(now + Duration::from_secs(1801));
+        assert_eq!(expires, period + Duration::from_secs(3600));
+        // Same rendering until the period ends, a new one after.
+        assert_eq!(p.current(period + Duration::from_secs(1799)).0, body);
+        let (later, later_exp) = p.current(period + Duration::from_secs(1800));
         assert_ne!(later, body);
-        assert!(later_exp > expires);
+        assert_eq!(later_exp, expires + Duration::from_secs(1800));
         let resp = p.response(now + Duration::from_secs(1801));
         assert_eq!(resp.headers()[http::header::CONTENT_TYPE], MEDIA_TYPE);
         assert_eq!(
@@ -303,6 +314,31 @@ mod tests {
             )
             .as_str()
         );
+    }
+
+    #[test]
+    fn expires_follows_the_wall_clock_not_the_process() {
+        let cfg = config("[pvd]\nidentifier = \"relay.example\"\nexpires_secs = 601\n");
+        // Two publishers (two fleet members) that first served at different instants.
+        let a = PvdPublisher::new(&cfg, 443, Some(443)).unwrap().unwrap();
+        let b = PvdPublisher::new(&cfg, 443, Some(443)).unwrap().unwrap();
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        a.current(start);
+        for s in 0..2000 {
+            let now = start + Duration::from_millis(s * 937);
+            let (body, expires) = b.current(now);
+            assert_eq!(a.current(now), (body, expires), "at +{s}×0.937 s");
+            let left = expires.duration_since(now).unwrap();
+            // Periods of 300 s: a client gets between 301 and 601 s.
+            assert!(
+                left > Duration::from_secs(301) && left <= Duration::from_secs(601),
+                "{left:?}"
+            );
+        }
+        // A one-second lifetime still advances every second.
+        let one = config("[pvd]\nidentifier = \"relay.example\"\nexpires_secs = 1\n");
+        let p = PvdPublisher::new(&one, 443, None).unwrap().unwrap();
+        assert_eq!(p.current(start).1, start + Duration::from_secs(1));
     }
 
     #[test]
