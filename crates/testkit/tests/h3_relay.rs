@@ -93,11 +93,14 @@ async fn udp_tunnel_survives_unknown_context_id() {
     assert_eq!(echo.count(), 1, "only the context-0 datagram is forwarded");
 }
 
-#[tokio::test]
-async fn udp_tunnel_keeps_a_burst_of_client_datagrams_apart_and_in_order() {
-    // The relay takes client datagrams off the connection in bursts and sends runs of equal size
-    // with one GSO sendmsg: each must still reach the destination as its own datagram, in order,
-    // and the unknown-context ones in between must be dropped, not sent or merged.
+/// A UDP tunnel to a plain loopback socket the test drives itself; the relay and client must
+/// outlive the tunnel.
+async fn udp_tunnel_to_bare_socket() -> (
+    tokio::net::UdpSocket,
+    TestRelay,
+    RelayClient,
+    cfr_client::UdpTunnel,
+) {
     let origin = tokio::net::UdpSocket::bind(lo()).await.unwrap();
     let relay = TestRelay::start().await;
     let client = relay.client().await;
@@ -105,6 +108,15 @@ async fn udp_tunnel_keeps_a_burst_of_client_datagrams_apart_and_in_order() {
         .connect_udp(&target(origin.local_addr().unwrap()))
         .await
         .unwrap();
+    (origin, relay, client, tunnel)
+}
+
+#[tokio::test]
+async fn udp_tunnel_keeps_a_burst_of_client_datagrams_apart_and_in_order() {
+    // The relay takes client datagrams off the connection in bursts and sends runs of equal size
+    // with one GSO sendmsg: each must still reach the destination as its own datagram, in order,
+    // and the unknown-context ones in between must be dropped, not sent or merged.
+    let (origin, _relay, _client, tunnel) = udp_tunnel_to_bare_socket().await;
     assert!(tunnel.uses_quic_datagrams());
     for i in 0..64u8 {
         tunnel.send(&[i; 1200]).await.unwrap();
@@ -137,13 +149,7 @@ async fn udp_tunnel_splits_a_gso_train_from_the_destination_into_datagrams() {
     // A destination that answers with one UDP_SEGMENT sendmsg: five 1000-byte datagrams and a
     // 300-byte one. Whether the relay's socket receives them one by one or merged by UDP GRO, the
     // client must get six datagrams with their own boundaries, in order.
-    let origin = tokio::net::UdpSocket::bind(lo()).await.unwrap();
-    let relay = TestRelay::start().await;
-    let client = relay.client().await;
-    let tunnel = client
-        .connect_udp(&target(origin.local_addr().unwrap()))
-        .await
-        .unwrap();
+    let (origin, _relay, _client, tunnel) = udp_tunnel_to_bare_socket().await;
     tunnel.send(b"go").await.unwrap();
     let mut buf = [0u8; 64];
     let (_, relay_side) = tokio::time::timeout(LIMIT, origin.recv_from(&mut buf))
