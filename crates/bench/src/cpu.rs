@@ -68,14 +68,13 @@ impl QuinnThread {
                 }
             };
             rt.block_on(async move {
-                let ep =
-                    match quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("static")) {
-                        Ok(ep) => ep,
-                        Err(e) => {
-                            let _ = tx.send(Err(e.to_string()));
-                            return;
-                        }
-                    };
+                let ep = match env::quic_endpoint(Some(config)) {
+                    Ok(ep) => ep,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
                 let stat = std::fs::read_link("/proc/thread-self").map(|p| p.join("stat"));
                 let started = match (ep.local_addr(), stat) {
                     (Ok(a), Ok(s)) => Ok((a, s, ep.clone())),

@@ -380,14 +380,25 @@ impl<R: Unpin, W: AsyncWrite + Unpin> AsyncWrite for Duplex<R, W> {
 
 /// A raw quinn server: bidirectional streams speak the bulk protocol, datagrams are echoed.
 pub fn quic_server(env: &Env) -> Result<SocketAddr, String> {
-    let ep = quinn::Endpoint::server(
-        quic_server_config(env)?,
-        "127.0.0.1:0".parse().expect("static"),
-    )
-    .map_err(|e| e.to_string())?;
+    let ep = quic_endpoint(Some(quic_server_config(env)?)).map_err(|e| e.to_string())?;
     let addr = ep.local_addr().map_err(|e| e.to_string())?;
     env.tasks.spawn(serve_quic(ep));
     Ok(addr)
+}
+
+/// A loopback quinn endpoint whose socket has the same 4 MiB buffers as the relay's and the
+/// client's, so the raw quinn baseline loses no more to a full socket than they do.
+pub fn quic_endpoint(server: Option<quinn::ServerConfig>) -> io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let buffers = socket2::SockRef::from(&socket);
+    buffers.set_recv_buffer_size(4 << 20)?;
+    buffers.set_send_buffer_size(4 << 20)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// The raw quinn server's configuration: the bench certificate and the relay's transport.
@@ -439,8 +450,7 @@ pub async fn quic_client_with(
 ) -> Result<(quinn::Endpoint, quinn::Connection), String> {
     let mut cc = quic_client_config(env, b"bench")?;
     cc.transport_config(transport);
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("static"))
-        .map_err(|e| e.to_string())?;
+    let mut ep = quic_endpoint(None).map_err(|e| e.to_string())?;
     ep.set_default_client_config(cc);
     let conn = ep
         .connect(server, "localhost")

@@ -38,6 +38,11 @@ impl UdpUplink {
     /// Wraps the tunnel's connected socket; enables UDP GRO on it where the kernel has it.
     pub fn new(sock: UdpSocket) -> io::Result<UdpUplink> {
         let recv_state = quinn_udp::UdpSocketState::new((&sock).into())?;
+        // A burst from the destination (an echo of a window of client datagrams) arrives while the
+        // pump may be waiting for a CPU: the default receive buffer (rmem_default, ~90 datagrams
+        // of 1200 bytes) drops the rest. A limit, not an allocation; the kernel caps it at
+        // net.core.rmem_max.
+        let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(UDP_RECV_BUFFER);
         Ok(UdpUplink {
             sock,
             recv_state,
@@ -129,6 +134,9 @@ impl UdpUplink {
         payloads.clear();
     }
 }
+
+/// Receive buffer of a tunnel's egress socket.
+const UDP_RECV_BUFFER: usize = 1 << 20;
 
 /// Datagrams read from the destination socket per recvmmsg.
 const RECV_BATCH: usize = 16;
