@@ -380,6 +380,29 @@ impl<R: Unpin, W: AsyncWrite + Unpin> AsyncWrite for Duplex<R, W> {
 
 /// A raw quinn server: bidirectional streams speak the bulk protocol, datagrams are echoed.
 pub fn quic_server(env: &Env) -> Result<SocketAddr, String> {
+    let ep = quic_endpoint(Some(quic_server_config(env)?)).map_err(|e| e.to_string())?;
+    let addr = ep.local_addr().map_err(|e| e.to_string())?;
+    env.tasks.spawn(serve_quic(ep));
+    Ok(addr)
+}
+
+/// A loopback quinn endpoint whose socket has the same 4 MiB buffers as the relay's and the
+/// client's, so the raw quinn baseline loses no more to a full socket than they do.
+pub fn quic_endpoint(server: Option<quinn::ServerConfig>) -> io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let buffers = socket2::SockRef::from(&socket);
+    buffers.set_recv_buffer_size(4 << 20)?;
+    buffers.set_send_buffer_size(4 << 20)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// The raw quinn server's configuration: the bench certificate and the relay's transport.
+pub fn quic_server_config(env: &Env) -> Result<quinn::ServerConfig, String> {
     let tls =
         cfr_relay::tls::server_config(&env.pki.server_cert, &env.pki.server_key, None, &[b"bench"])
             .map_err(|e| e.to_string())?;
@@ -387,29 +410,28 @@ pub fn quic_server(env: &Env) -> Result<SocketAddr, String> {
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(env.transport());
-    let ep = quinn::Endpoint::server(sc, "127.0.0.1:0".parse().expect("static"))
-        .map_err(|e| e.to_string())?;
-    let addr = ep.local_addr().map_err(|e| e.to_string())?;
-    env.tasks.spawn(async move {
-        while let Some(inc) = ep.accept().await {
-            tokio::spawn(async move {
-                let Ok(conn) = inc.await else { return };
-                let echo = conn.clone();
-                let dg = tokio::spawn(async move {
-                    while let Ok(d) = echo.read_datagram().await {
-                        let _ = echo.send_datagram(d);
-                    }
-                });
-                while let Ok((w, r)) = conn.accept_bi().await {
-                    tokio::spawn(async move {
-                        let _ = serve_bulk(Duplex { r, w }).await;
-                    });
+    Ok(sc)
+}
+
+/// Serves [`quic_server`]'s protocol on `ep` until the endpoint closes.
+pub async fn serve_quic(ep: quinn::Endpoint) {
+    while let Some(inc) = ep.accept().await {
+        tokio::spawn(async move {
+            let Ok(conn) = inc.await else { return };
+            let echo = conn.clone();
+            let dg = tokio::spawn(async move {
+                while let Ok(d) = echo.read_datagram().await {
+                    let _ = echo.send_datagram(d);
                 }
-                dg.abort();
             });
-        }
-    });
-    Ok(addr)
+            while let Ok((w, r)) = conn.accept_bi().await {
+                tokio::spawn(async move {
+                    let _ = serve_bulk(Duplex { r, w }).await;
+                });
+            }
+            dg.abort();
+        });
+    }
 }
 
 /// A raw quinn client connection to [`quic_server`].
@@ -417,10 +439,18 @@ pub async fn quic_client(
     env: &Env,
     server: SocketAddr,
 ) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    quic_client_with(env, server, env.transport()).await
+}
+
+/// [`quic_client`] with another transport configuration.
+pub async fn quic_client_with(
+    env: &Env,
+    server: SocketAddr,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
     let mut cc = quic_client_config(env, b"bench")?;
-    cc.transport_config(env.transport());
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("static"))
-        .map_err(|e| e.to_string())?;
+    cc.transport_config(transport);
+    let mut ep = quic_endpoint(None).map_err(|e| e.to_string())?;
     ep.set_default_client_config(cc);
     let conn = ep
         .connect(server, "localhost")

@@ -1,7 +1,8 @@
-//! The peer: vproxy 2.5.5 (an HTTP/HTTPS/SOCKS5 proxy in Rust) on the same box, doing the same
-//! TCP bulk and setup-rate work through HTTP/1.1 CONNECT, in `http` mode and in `https` mode (TLS
-//! to the proxy, with the bench's dev certificate). Also the cfr relay's own TLS/TCP front-end on
-//! the setup-rate work, which is the like-for-like comparison for a TCP proxy.
+//! The peers: vproxy 2.5.5 (an HTTP/HTTPS/SOCKS5 proxy in Rust) and Debian's squid (a TLS forward
+//! proxy, `https_port`) on the same box, doing the same TCP bulk and setup-rate work through
+//! HTTP/1.1 CONNECT; vproxy in `http` mode and in `https` mode (TLS to the proxy, with the bench's
+//! dev certificate), squid over TLS. Also the cfr relay's own TLS/TCP front-end on the setup-rate
+//! work, which is the like-for-like comparison for a TCP proxy.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,8 +22,9 @@ pub const SECTION: &str = "peer";
 /// Where `cargo install vproxy --version 2.5.5 --locked --root target/bench/vproxy` puts it.
 pub const DEFAULT_VPROXY: &str = "target/bench/vproxy/bin/vproxy";
 
-pub fn bulk_name(mode: &str, dir: Dir) -> String {
-    format!("vproxy {mode} CONNECT, 1 conn, {}", dir.as_str())
+/// Bulk row of a peer proxy, e.g. `bulk_name("vproxy https", Dir::Up)`.
+pub fn bulk_name(peer: &str, dir: Dir) -> String {
+    format!("{peer} CONNECT, 1 conn, {}", dir.as_str())
 }
 
 pub fn rate_name(who: &str) -> String {
@@ -51,19 +53,56 @@ pub fn vproxy_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
     ))
 }
 
-/// A vproxy child process, killed on drop.
-struct Vproxy {
+/// Where Debian's squid package puts the binary.
+pub const SQUID: &str = "/usr/sbin/squid";
+/// How to get it (Debian 12: squid 5.7; the `-openssl` build has TLS listening ports for sure).
+pub const SQUID_INSTALL: &str = "apt-get install squid-openssl";
+
+/// A free loopback port for a peer to listen on.
+fn free_port() -> Result<SocketAddr, String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// A peer proxy child process, killed on drop.
+struct PeerProcess {
     child: tokio::process::Child,
     addr: SocketAddr,
 }
 
-impl Vproxy {
-    async fn start(bin: &Path, https: Option<(&Path, &Path)>) -> Result<Vproxy, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+impl PeerProcess {
+    /// Starts `cmd` and waits (bounded) until it accepts TCP connections on `addr`.
+    async fn start(
+        mut cmd: tokio::process::Command,
+        addr: SocketAddr,
+        who: &str,
+    ) -> Result<PeerProcess, String> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting {who}: {e}"))?;
+        let mut p = PeerProcess { child, addr };
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(p);
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                return Err(format!("{who} exited at start: {status}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        p.stop().await;
+        Err(format!("{who} did not listen within 10 s"))
+    }
+
+    async fn vproxy(bin: &Path, https: Option<(&Path, &Path)>) -> Result<PeerProcess, String> {
+        let addr = free_port()?;
         let mut cmd = tokio::process::Command::new(bin);
         cmd.arg("run")
             .arg("--bind")
@@ -84,25 +123,37 @@ impl Vproxy {
                 cmd.arg("http");
             }
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting vproxy: {e}"))?;
-        let mut v = Vproxy { child, addr };
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return Ok(v);
-            }
-            if let Ok(Some(status)) = v.child.try_wait() {
-                return Err(format!("vproxy exited at start: {status}"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        PeerProcess::start(cmd, addr, "vproxy").await
+    }
+
+    /// squid as a TLS forward proxy (`https_port`, what `curl -x https://` and browsers use),
+    /// CONNECT to any port allowed, no cache, no logs, in the foreground (`-N`).
+    async fn squid(env: &Env) -> Result<PeerProcess, String> {
+        if !Path::new(SQUID).exists() {
+            return Err(format!("squid not installed ({SQUID_INSTALL})"));
         }
-        v.stop().await;
-        Err("vproxy did not listen within 5 s".into())
+        let addr = free_port()?;
+        let dir = env.dir.path().join("squid");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let conf = dir.join("squid.conf");
+        let text = format!(
+            "https_port {addr} tls-cert={cert} tls-key={key}\n\
+             http_access allow all\n\
+             cache deny all\n\
+             cache_mem 0 MB\n\
+             access_log none\n\
+             cache_log /dev/null\n\
+             cache_store_log none\n\
+             pid_filename none\n\
+             max_filedescriptors 16384\n\
+             shutdown_lifetime 0 seconds\n",
+            cert = env.pki.server_cert.display(),
+            key = env.pki.server_key.display(),
+        );
+        std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+        let mut cmd = tokio::process::Command::new(SQUID);
+        cmd.arg("-N").arg("-f").arg(&conf);
+        PeerProcess::start(cmd, addr, "squid").await
     }
 
     async fn stop(&mut self) {
@@ -155,60 +206,83 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
             Ok(b) => {
                 let certs =
                     https.then_some((env.pki.server_cert.as_path(), env.pki.server_key.as_path()));
-                Vproxy::start(b, certs).await
+                PeerProcess::vproxy(b, certs).await
             }
             Err(e) => Err(e.clone()),
         };
-        let mut vp = match started {
-            Ok(v) => v,
-            Err(e) => {
-                for dir in [Dir::Up, Dir::Down] {
-                    rows.push(Row::unavailable(
-                        SECTION,
-                        bulk_name(mode, dir),
-                        "Gbit/s",
-                        e.clone(),
-                    ));
-                }
+        let tls = if https { tls.clone().ok() } else { None };
+        peer_rows(
+            plan,
+            &format!("vproxy {mode}"),
+            started,
+            origin,
+            hold,
+            tls,
+            rows,
+        )
+        .await;
+    }
+    let started = if plan.peer {
+        PeerProcess::squid(env).await
+    } else {
+        Err("skipped (--no-peer)".into())
+    };
+    peer_rows(plan, "squid https", started, origin, hold, tls.ok(), rows).await;
+}
+
+/// Bulk up, bulk down and setups/s through one started peer proxy (or why not), then stops it.
+async fn peer_rows(
+    plan: &Plan,
+    peer: &str,
+    started: Result<PeerProcess, String>,
+    origin: SocketAddr,
+    hold: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    rows: &mut Vec<Row>,
+) {
+    let mut p = match started {
+        Ok(p) => p,
+        Err(e) => {
+            for dir in [Dir::Up, Dir::Down] {
                 rows.push(Row::unavailable(
                     SECTION,
-                    rate_name(&format!("vproxy {mode}")),
-                    "setups/s",
-                    e,
+                    bulk_name(peer, dir),
+                    "Gbit/s",
+                    e.clone(),
                 ));
-                continue;
             }
-        };
-        let tls = if https { tls.clone().ok() } else { None };
-        for dir in [Dir::Up, Dir::Down] {
-            let proxy = vp.addr;
-            let r = match &tls {
-                Some(tls) => {
-                    timed_bulk(1, plan.bytes, dir, || {
-                        let tls = tls.clone();
-                        async move {
-                            let mut s = front::tls_connect(proxy, tls).await?;
-                            front::h1_connect(&mut s, origin, None).await?;
-                            Ok(s)
-                        }
-                    })
-                    .await
-                }
-                None => {
-                    timed_bulk(1, plan.bytes, dir, || async move {
-                        let mut s = env::direct_tcp(proxy).await?;
+            rows.push(Row::unavailable(SECTION, rate_name(peer), "setups/s", e));
+            return;
+        }
+    };
+    for dir in [Dir::Up, Dir::Down] {
+        let proxy = p.addr;
+        let r = match &tls {
+            Some(tls) => {
+                timed_bulk(1, plan.bytes, dir, || {
+                    let tls = tls.clone();
+                    async move {
+                        let mut s = front::tls_connect(proxy, tls).await?;
                         front::h1_connect(&mut s, origin, None).await?;
                         Ok(s)
-                    })
-                    .await
-                }
-            };
-            rows.push(Row::from_result(SECTION, bulk_name(mode, dir), "Gbit/s", r));
-        }
-        let r = tcp_rate(plan, vp.addr, hold, tls, None).await;
-        rows.push(rate_row(rate_name(&format!("vproxy {mode}")), r));
-        vp.stop().await;
+                    }
+                })
+                .await
+            }
+            None => {
+                timed_bulk(1, plan.bytes, dir, || async move {
+                    let mut s = env::direct_tcp(proxy).await?;
+                    front::h1_connect(&mut s, origin, None).await?;
+                    Ok(s)
+                })
+                .await
+            }
+        };
+        rows.push(Row::from_result(SECTION, bulk_name(peer, dir), "Gbit/s", r));
     }
+    let r = tcp_rate(plan, p.addr, hold, tls, None).await;
+    rows.push(rate_row(rate_name(peer), r));
+    p.stop().await;
 }
 
 fn rate_row(name: String, r: Result<(f64, Vec<f64>), String>) -> Row {

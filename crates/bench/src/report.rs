@@ -22,6 +22,8 @@ pub struct Row {
     pub note: Option<String>,
     /// Why there is no number.
     pub unavailable: Option<String>,
+    /// When the row was measured more than once: every run's value; `value` is their median.
+    pub runs: Option<Vec<f64>>,
 }
 
 impl Row {
@@ -42,6 +44,7 @@ impl Row {
             met: None,
             note: None,
             unavailable: None,
+            runs: None,
         }
     }
 
@@ -75,6 +78,61 @@ impl Row {
         self.note = Some(note.into());
         self
     }
+}
+
+/// Folds the rows of repeated runs of the same sections into one row per name: the median value
+/// (the lower middle one for an even count), every run's value in `runs`, and the spread in the
+/// note. A name some run could not measure keeps the numbers the other runs have; with none, the
+/// first run's reason.
+pub fn merge_runs(runs: Vec<Vec<Row>>) -> Vec<Row> {
+    let mut runs = runs.into_iter();
+    let Some(first) = runs.next() else {
+        return Vec::new();
+    };
+    let rest: Vec<Vec<Row>> = runs.collect();
+    if rest.is_empty() {
+        return first;
+    }
+    first
+        .into_iter()
+        .map(|row| {
+            let mut values: Vec<f64> = std::iter::once(&row)
+                .chain(
+                    rest.iter()
+                        .filter_map(|r| r.iter().find(|x| x.name == row.name)),
+                )
+                .filter_map(|r| r.value)
+                .collect();
+            if values.is_empty() {
+                return row;
+            }
+            let in_order = values.clone();
+            values.sort_by(|a, b| a.total_cmp(b));
+            let median = values[(values.len() - 1) / 2];
+            let (lo, hi) = (values[0], values[values.len() - 1]);
+            let spread = if median != 0.0 {
+                format!(", spread ±{:.0} %", 50.0 * (hi - lo) / median.abs())
+            } else {
+                String::new()
+            };
+            let runs_note = format!(
+                "median of {}: {}–{}{spread}",
+                values.len(),
+                fmt_num(lo),
+                fmt_num(hi)
+            );
+            Row {
+                value: Some(median),
+                unavailable: None,
+                note: Some(match row.note {
+                    Some(n) => format!("{runs_note}; {n}"),
+                    None => runs_note,
+                }),
+                runs: Some(in_order),
+                ..row
+            }
+        })
+        .collect()
 }
 
 /// Where the numbers were measured.
@@ -152,6 +210,23 @@ impl Report {
                 _ => None,
             };
         }
+    }
+
+    /// A derived row `row ÷ peer` (the ratio of two measured rows) with the target `≥ min×`, for a
+    /// row that already has another baseline. Nothing when `peer` was not measured at all.
+    pub fn versus(&mut self, section: &'static str, row: &str, peer: &str, min: f64) {
+        if self.get(peer).is_none() {
+            return;
+        }
+        let name = format!("{row} ÷ {peer}");
+        let r = match (self.value(row), self.value(peer)) {
+            (Some(a), Some(b)) if b != 0.0 => Row::new(section, name.clone(), a / b, "×"),
+            _ => Row::unavailable(section, name.clone(), "×", "one side has no number"),
+        };
+        self.rows.push(r);
+        self.target(&name, &format!("≥ {min}×"), |row| {
+            row.value.map(|x| x >= min)
+        });
     }
 
     /// Marks a row with a target and whether it was met (`None` when there is no number).
@@ -261,5 +336,30 @@ mod tests {
         assert_eq!(r.get("a").unwrap().ratio, Some(0.5));
         assert_eq!(r.get("c").unwrap().ratio, None);
         assert!(r.table().contains("unavailable: not built"));
+    }
+
+    #[test]
+    fn repeated_runs_merge_into_the_median_with_their_spread() {
+        let run = |v: Option<f64>| {
+            vec![match v {
+                Some(v) => Row::new("udp", "x", v, "dgram/s"),
+                None => Row::unavailable("udp", "x", "dgram/s", "noise"),
+            }]
+        };
+        let merged = merge_runs(vec![run(Some(90.0)), run(Some(110.0)), run(Some(100.0))]);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].value, Some(100.0));
+        assert_eq!(merged[0].runs.as_deref(), Some(&[90.0, 110.0, 100.0][..]));
+        let note = merged[0].note.as_deref().unwrap();
+        assert!(
+            note.contains("median of 3: 90.00–110.0, spread ±10 %"),
+            "{note}"
+        );
+
+        let partial = merge_runs(vec![run(None), run(Some(7.0))]);
+        assert_eq!(partial[0].value, Some(7.0));
+        assert!(partial[0].unavailable.is_none());
+        let none = merge_runs(vec![run(None), run(None)]);
+        assert_eq!(none[0].unavailable.as_deref(), Some("noise"));
     }
 }

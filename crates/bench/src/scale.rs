@@ -38,11 +38,31 @@ impl RelayProcess {
         env: &Env,
         adjust: impl FnOnce(&mut cfr_relay::config::RelayConfig),
     ) -> Result<RelayProcess, String> {
+        Self::spawn_wrapped(&[], bin, env, adjust).await
+    }
+
+    /// Like [`RelayProcess::spawn_with`], with the relay run under `wrapper` (a profiler such as
+    /// `valgrind --tool=callgrind`); the child's pid is then the wrapper's, which for valgrind is
+    /// the relay itself.
+    pub async fn spawn_wrapped(
+        wrapper: &[String],
+        bin: &Path,
+        env: &Env,
+        adjust: impl FnOnce(&mut cfr_relay::config::RelayConfig),
+    ) -> Result<RelayProcess, String> {
         let mut cfg = env::relay_config(&env.pki, env.dir.path());
         adjust(&mut cfg);
         let file = env.dir.path().join("bench-relay.toml");
         std::fs::write(&file, cfg.to_toml()).map_err(|e| format!("{}: {e}", file.display()))?;
-        let mut child = tokio::process::Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => tokio::process::Command::new(bin),
+        };
+        let mut child = command
             .arg("relay")
             .arg("--config")
             .arg(&file)
@@ -57,9 +77,11 @@ impl RelayProcess {
         let pid = child.id().ok_or("relay exited at once")?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        // Under a profiler the relay starts an order of magnitude slower.
+        let ready = Duration::from_secs(if wrapper.is_empty() { 20 } else { 120 });
+        let line = tokio::time::timeout(ready, lines.next_line())
             .await
-            .map_err(|_| "relay not ready within 20 s".to_string())?
+            .map_err(|_| format!("relay not ready within {ready:?}"))?
             .map_err(|e| e.to_string())?
             .ok_or("relay exited before it was ready")?;
         let v: serde_json::Value =
@@ -69,6 +91,21 @@ impl RelayProcess {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("no listen address in {line:?}"))?;
         Ok(RelayProcess { child, pid, addr })
+    }
+
+    /// SIGTERM to the relay (the wrapper's child, if it runs under one), which drains and exits
+    /// on its own; then waits for the child (bounded).
+    pub async fn terminate(mut self) {
+        let children = format!("/proc/{0}/task/{0}/children", self.pid);
+        let relay = std::fs::read_to_string(children)
+            .ok()
+            .and_then(|c| c.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| self.pid.to_string());
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(relay)
+            .status();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
     }
 
     pub async fn stop(mut self) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cfr_client::RelayClient;
+use cfr_relay::tunnel::SetupPhase;
 
 use crate::env::{self, Env};
 use crate::report::{percentile, Row};
@@ -141,6 +142,7 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
                 let _ = client.connect_tcp(&env::target(origin)).await;
             }
             let c = &client;
+            let phases_before = env.core.setup.snapshot();
             let r = latencies(plan.setup_samples, limit, || async move {
                 let t = Instant::now();
                 let tun = c
@@ -153,6 +155,10 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
             })
             .await;
             pct_rows(SECTION, WARM, r, rows);
+            phase_rows(
+                env.core.setup.snapshot().mean_us_since(&phases_before),
+                rows,
+            );
             let rtt = client.rtt_probe().await.map(|d| d.as_secs_f64() * 1e6);
             rows.push(Row::from_result(
                 SECTION,
@@ -193,6 +199,32 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
         Err(e) => rows.push(Row::unavailable(SECTION, RATE, "setups/s", e)),
     }
 }
+
+/// The relay's side of the warm setups, phase by phase (means over the run, from the relay's own
+/// timing aggregates): request head parsed → auth → parse → admit → resolve → policy → bind →
+/// connect → 2xx sent. What the client saw beyond their sum is QUIC, HTTP/3 and scheduling.
+fn phase_rows(means: Option<[(SetupPhase, f64); 8]>, rows: &mut Vec<Row>) {
+    let Some(means) = means else {
+        rows.push(Row::unavailable(
+            SECTION,
+            PHASE_TOTAL,
+            "µs",
+            "the relay recorded no tunnel setup",
+        ));
+        return;
+    };
+    for (phase, us) in means {
+        rows.push(Row::new(SECTION, phase_name(phase), us, "µs"));
+    }
+    let total = means.iter().map(|(_, us)| us).sum();
+    rows.push(Row::new(SECTION, PHASE_TOTAL, total, "µs").note("mean per tunnel"));
+}
+
+pub fn phase_name(phase: SetupPhase) -> String {
+    format!("{WARM}: relay {}, mean", phase.as_str())
+}
+
+pub const PHASE_TOTAL: &str = "h3 tunnel setup, warm connection: relay head → 2xx sent, mean";
 
 async fn h3_rate(env: &Env, origin: SocketAddr, plan: &Plan) -> Result<(f64, Vec<f64>), String> {
     let mut clients = Vec::with_capacity(plan.rate_clients);

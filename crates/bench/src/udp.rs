@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cfr_client::DatagramMode;
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 
@@ -107,7 +108,10 @@ pub async fn echo_run(path: Arc<Path>, count: u64, window: u64, limit: Duration)
     let mut sent = 0u64;
     let mut written_off = 0u64;
     while sent < count && started.elapsed() < limit {
-        let in_flight = sent - received.load(Ordering::Relaxed).min(sent) - written_off.min(sent);
+        // Saturating: datagrams written off as lost may still come back late.
+        let in_flight = sent
+            .saturating_sub(received.load(Ordering::Relaxed))
+            .saturating_sub(written_off);
         if in_flight < window {
             if path.send(&payload).await.is_err() {
                 break;
@@ -189,6 +193,7 @@ fn rows_for(name: &str, r: Result<EchoResult, String>, rows: &mut Vec<Row>) {
 pub const DIRECT: &str = "direct UDP echo";
 pub const TUNNEL: &str = "CONNECT-UDP echo";
 pub const QUIC: &str = "raw quinn datagram echo";
+pub const CAPSULES: &str = "CONNECT-UDP echo, DATAGRAM capsules";
 
 pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
     let origin = match env::udp_echo(&env.tasks).await {
@@ -211,8 +216,12 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
     };
     rows_for(DIRECT, direct.await, rows);
 
-    let tunnel = tunnel_run(env, origin, count, window, limit);
+    let tunnel = tunnel_run(env, origin, count, window, limit, DatagramMode::Auto);
     rows_for(TUNNEL, tunnel.await, rows);
+
+    // The stream encoding (what curl uses): reliable and ordered, so reported on its own.
+    let capsules = tunnel_run(env, origin, count, window, limit, DatagramMode::Capsules);
+    rows_for(CAPSULES, capsules.await, rows);
 
     let quic = async {
         let server = env::quic_server(env)?;
@@ -235,14 +244,19 @@ async fn tunnel_run(
     count: u64,
     window: u64,
     limit: Duration,
+    mode: DatagramMode,
 ) -> Result<EchoResult, String> {
-    let client = env.client().await?;
+    let mut cfg = env.client_config();
+    cfg.datagrams = mode;
+    let client = cfr_client::RelayClient::connect(cfg)
+        .await
+        .map_err(|e| format!("client: {e}"))?;
     let t = client
         .connect_udp(&env::target(origin))
         .await
         .map_err(|e| format!("CONNECT-UDP: {e}"))?;
-    if !t.uses_quic_datagrams() {
-        return Err("relay did not negotiate QUIC datagrams".into());
+    if t.uses_quic_datagrams() != (mode == DatagramMode::Auto) {
+        return Err(format!("the tunnel does not use the {mode:?} encoding"));
     }
     let path = Arc::new(Path::Tunnel(t));
     // Warm-up until 1200-byte payloads travel as QUIC datagrams (path MTU discovery on the client

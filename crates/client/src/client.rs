@@ -94,6 +94,9 @@ pub(crate) struct Conn {
 /// (a draining relay does once its last request ended) or this long at most.
 const LINGER: Duration = Duration::from_secs(10);
 
+/// Receive buffer of the client's QUIC socket.
+const QUIC_RECV_BUFFER: usize = 4 << 20;
+
 impl Drop for Conn {
     fn drop(&mut self) {
         let tasks = std::mem::take(&mut self.tasks);
@@ -150,7 +153,17 @@ impl Conn {
         });
         let quic_cfg = quinn_client_config(&cfg.trust, cfg.client_cert.as_ref())?;
         let server_name = url.server_name()?.to_str().into_owned();
-        let mut endpoint = quinn::Endpoint::client(bind)?;
+        let socket = std::net::UdpSocket::bind(bind)?;
+        // Everything the relay sends arrives on this one socket: a default-size receive buffer
+        // (~90 packets) overflows on a burst (a tunnel's download) while the endpoint task waits for
+        // a CPU. A limit, not an allocation; the kernel caps it at net.core.rmem_max.
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(QUIC_RECV_BUFFER);
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         endpoint.set_default_client_config(quic_cfg);
 
         let handshake = async {

@@ -351,6 +351,7 @@ pub(crate) fn transport_config() -> quinn::TransportConfig {
     // which RFC 9297 §2.1.1 requires alongside SETTINGS_H3_DATAGRAM.
     t.datagram_receive_buffer_size(Some(4 << 20));
     t.datagram_send_buffer_size(4 << 20);
+    t.initial_mtu(cfr_proto::datagram::TUNNEL_INITIAL_MTU);
     t.keep_alive_interval(Some(Duration::from_secs(15)));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s fits a QUIC varint"),

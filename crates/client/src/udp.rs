@@ -152,6 +152,16 @@ impl UdpTunnel {
         self.h3.as_ref().map(|h| h.qsid)
     }
 
+    /// The largest UDP payload that goes out as one QUIC DATAGRAM frame right now (bigger ones
+    /// go as capsules); `None` in capsule mode or off HTTP/3. Grows as path MTU discovery raises
+    /// the limit.
+    pub fn max_datagram_payload(&self) -> Option<usize> {
+        let h3 = self.h3.as_ref().filter(|h| h.quic_datagrams)?;
+        let overhead = cfr_proto::varint::encoded_len(h3.qsid)
+            + cfr_proto::varint::encoded_len(datagram::UDP_PAYLOAD_CONTEXT);
+        h3.conn.quic.max_datagram_size()?.checked_sub(overhead)
+    }
+
     /// Sends one UDP payload (empty is valid, RFC 9298 §5). In QUIC datagram mode a payload too
     /// large for one QUIC DATAGRAM frame goes as a capsule instead (RFC 9297 allows both).
     pub async fn send(&self, payload: &[u8]) -> Result<(), ClientError> {

@@ -22,7 +22,7 @@ pub use config::{EgressConfig, EgressPolicy, Fallback, ParseNameError};
 pub use epoch::{Clock, EpochSchedule, SystemClock, MIN_SECRET_LEN};
 pub use pool::{ConnectionEgress, EgressPool};
 pub use seal::{Sealer, Subscriber};
-pub use socket::{bind_udp, connect_tcp};
+pub use socket::{bind_tcp, bind_udp, connect_tcp, BoundTcp};
 
 /// Registers descriptions of this crate's metrics with the installed `metrics` recorder. Labels are
 /// `family` (`v4`/`v6`) and `proto` (`tcp`/`udp`) only: never an address.

@@ -147,18 +147,46 @@ pub async fn connect_tcp(
     source: Option<IpAddr>,
     dest: SocketAddr,
 ) -> io::Result<tokio::net::TcpStream> {
+    bind_tcp(source, dest)?.connect().await
+}
+
+/// A TCP socket bound to its egress source, not connected yet: [`connect_tcp`] in two steps, so a
+/// caller can tell the time spent binding from the time spent in the handshake.
+pub struct BoundTcp {
+    socket: tokio::net::TcpSocket,
+    source: Option<IpAddr>,
+    dest: SocketAddr,
+}
+
+/// The first step of [`connect_tcp`]: a socket for `dest`, bound to `source`.
+pub fn bind_tcp(source: Option<IpAddr>, dest: SocketAddr) -> io::Result<BoundTcp> {
     let dest = canonical(dest);
     let socket = prepare(source, dest, Proto::Tcp)?;
-    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    socket.connect(dest).await.inspect_err(|e| {
-        // With IP_BIND_ADDRESS_NO_PORT the source port is allocated here: running out of ports for
-        // this source shows up as EADDRNOTAVAIL at connect time.
-        if let Some(src) = source {
-            if e.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL) {
-                count_bind_failure(src, Proto::Tcp, e);
-            }
-        }
+    Ok(BoundTcp {
+        socket: tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket)),
+        source,
+        dest,
     })
+}
+
+impl BoundTcp {
+    /// The second step of [`connect_tcp`]: the TCP handshake with the destination.
+    pub async fn connect(self) -> io::Result<tokio::net::TcpStream> {
+        let BoundTcp {
+            socket,
+            source,
+            dest,
+        } = self;
+        socket.connect(dest).await.inspect_err(|e| {
+            // With IP_BIND_ADDRESS_NO_PORT the source port is allocated here: running out of ports for
+            // this source shows up as EADDRNOTAVAIL at connect time.
+            if let Some(src) = source {
+                if e.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL) {
+                    count_bind_failure(src, Proto::Tcp, e);
+                }
+            }
+        })
+    }
 }
 
 /// A UDP socket bound to `source` (`None`: kernel-chosen source) and connected to `dest`, so the

@@ -1,5 +1,5 @@
 //! The Capsule Protocol (RFC 9297 §3): Type (varint), Length (varint), Value.
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::{varint, DecodeError};
 
@@ -19,14 +19,14 @@ pub enum Capsule {
 }
 
 /// Appends a DATAGRAM capsule holding `context_id` + `data`.
-pub fn encode_datagram(context_id: u64, data: &[u8], out: &mut Vec<u8>) {
+pub fn encode_datagram(context_id: u64, data: &[u8], out: &mut impl BufMut) {
     encode_datagram_header(context_id, data.len(), out);
-    out.extend_from_slice(data);
+    out.put_slice(data);
 }
 
 /// Appends only the header of a DATAGRAM capsule (Type, Length, Context ID) for `data_len` bytes
 /// of data; the caller sends the data itself right after it (saves copying large payloads).
-pub fn encode_datagram_header(context_id: u64, data_len: usize, out: &mut Vec<u8>) {
+pub fn encode_datagram_header(context_id: u64, data_len: usize, out: &mut impl BufMut) {
     let value_len = varint::encoded_len(context_id) as u64 + data_len as u64;
     varint::encode(DATAGRAM, out);
     varint::encode(value_len, out);
@@ -34,10 +34,10 @@ pub fn encode_datagram_header(context_id: u64, data_len: usize, out: &mut Vec<u8
 }
 
 /// Appends a capsule of any type with the given value (tests, and capsule types a caller owns).
-pub fn encode_capsule(capsule_type: u64, value: &[u8], out: &mut Vec<u8>) {
+pub fn encode_capsule(capsule_type: u64, value: &[u8], out: &mut impl BufMut) {
     varint::encode(capsule_type, out);
     varint::encode(value.len() as u64, out);
-    out.extend_from_slice(value);
+    out.put_slice(value);
 }
 
 /// Where the decoder is inside the capsule stream.

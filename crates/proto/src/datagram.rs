@@ -11,6 +11,14 @@ pub const MAX_UDP_PAYLOAD: usize = 65527;
 
 /// Largest quarter stream ID (RFC 9297 §2.1: a stream ID is at most 2^62-1, so its quarter is at
 /// most 2^60-1).
+/// The UDP payload size a tunnelling QUIC connection (client ↔ relay) starts with, before path MTU
+/// discovery: a 1200-byte inner QUIC packet (the smallest every QUIC path must carry, RFC 9000
+/// §14) plus the quarter stream ID and context ID, a DATAGRAM frame header and the outer short
+/// header and AEAD tag fit in one outer datagram from the first packet, so an inner connection
+/// never starts on the capsule fallback. On a path that cannot carry it, quinn's black-hole
+/// detection falls back to 1200.
+pub const TUNNEL_INITIAL_MTU: u16 = 1350;
+
 pub const MAX_QUARTER_STREAM_ID: u64 = (1 << 60) - 1;
 
 /// Splits a QUIC DATAGRAM frame payload into (quarter stream ID, HTTP datagram payload).

@@ -35,12 +35,12 @@ pub fn encoded_len(v: u64) -> usize {
 }
 
 /// Appends the shortest encoding of `v`. Panics if `v > MAX` (callers only pass lengths and IDs).
-pub fn encode(v: u64, out: &mut Vec<u8>) {
+pub fn encode(v: u64, out: &mut impl bytes::BufMut) {
     match encoded_len(v) {
-        1 => out.push(v as u8),
-        2 => out.extend_from_slice(&((v as u16) | 0x4000).to_be_bytes()),
-        4 => out.extend_from_slice(&((v as u32) | 0x8000_0000).to_be_bytes()),
-        _ => out.extend_from_slice(&(v | 0xc000_0000_0000_0000).to_be_bytes()),
+        1 => out.put_u8(v as u8),
+        2 => out.put_u16((v as u16) | 0x4000),
+        4 => out.put_u32((v as u32) | 0x8000_0000),
+        _ => out.put_u64(v | 0xc000_0000_0000_0000),
     }
 }
 

@@ -139,7 +139,9 @@ pub struct LimitsConfig {
     pub total_connections: u32,
     /// Bytes a TCP tunnel reads from one side before the other side has taken them.
     pub tcp_buffer_bytes: usize,
-    /// Datagrams queued per UDP tunnel towards the destination before new ones are dropped.
+    /// DATAGRAM capsules queued per UDP tunnel towards the client before new ones are dropped.
+    /// (Towards the destination nothing is queued beyond the socket's send buffer: client
+    /// datagrams are sent as they are read off the connection.)
     pub datagram_queue: usize,
     /// Concurrent DNS lookups.
     pub dns_concurrency: u32,

@@ -26,7 +26,7 @@ use crate::front::FrontCtx;
 use crate::metrics as m;
 use crate::tunnel::{
     error_response, serve_request, Abort, ClientConn, Exchange, TunnelError, TunnelRecv,
-    TunnelSend, UdpChannels,
+    TunnelSend, UdpChannels, UdpUplink,
 };
 
 /// The upgrade token of connect-udp (RFC 9298 §3.3, §7.1).
@@ -329,10 +329,9 @@ impl<'a> Exchange for H1Exchange<'a> {
         )))
     }
 
-    fn udp_channels(&mut self) -> UdpChannels {
-        // Capsules only (RFC 9298 §3.3, RFC 9297 §3.5).
+    fn udp_channels(&mut self, _uplink: &Arc<UdpUplink>) -> UdpChannels {
+        // Capsules only (RFC 9297 §3.5).
         UdpChannels {
-            datagrams_in: None,
             datagrams_out: None,
         }
     }

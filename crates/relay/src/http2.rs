@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::front::FrontCtx;
 use crate::tunnel::{
-    serve_request, Abort, ClientConn, Exchange, TunnelRecv, TunnelSend, UdpChannels,
+    serve_request, Abort, ClientConn, Exchange, TunnelRecv, TunnelSend, UdpChannels, UdpUplink,
 };
 
 /// Per-stream receive window (flow-control credit) offered to clients.
@@ -225,10 +225,9 @@ impl Exchange for H2Exchange {
         Ok(Some((H2Recv { inner: body }, H2Send { inner: send })))
     }
 
-    fn udp_channels(&mut self) -> UdpChannels {
+    fn udp_channels(&mut self, _uplink: &Arc<UdpUplink>) -> UdpChannels {
         // No QUIC datagrams on HTTP/2: DATAGRAM capsules only (RFC 9297 §3.5).
         UdpChannels {
-            datagrams_in: None,
             datagrams_out: None,
         }
     }

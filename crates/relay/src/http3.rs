@@ -5,19 +5,19 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
 use h3::error::Code;
 use h3::server::RequestStream;
 use h3::ConnectionState;
-use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RelayConfig;
 use crate::front::FrontCtx;
 use crate::metrics as m;
 use crate::tunnel::{
-    serve_request, Abort, ClientConn, Core, DatagramOut, Exchange, TunnelRecv, TunnelSend,
-    UdpChannels,
+    frame_in, serve_request, Abort, ClientConn, Core, DatagramOut, DatagramSent, Exchange,
+    TunnelRecv, TunnelSend, UdpChannels, UdpUplink,
 };
 
 type BidiStream = h3_quinn::BidiStream<Bytes>;
@@ -44,6 +44,7 @@ pub fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
     // Advertises max_datagram_frame_size (RFC 9221), needed for HTTP Datagrams (RFC 9297 §2.1.1).
     t.datagram_receive_buffer_size(Some(4 << 20));
     t.datagram_send_buffer_size(4 << 20);
+    t.initial_mtu(cfr_proto::datagram::TUNNEL_INITIAL_MTU);
     t
 }
 
@@ -177,8 +178,7 @@ pub(crate) async fn serve_connection(
                             send_whole_response(stream, resp).await;
                             return;
                         }
-                        let queue = core.config.limits.datagram_queue;
-                        let exchange = H3Exchange { stream, quic, router, route: None, queue };
+                        let exchange = H3Exchange { stream, quic, router, route: None };
                         serve_request(&core, &client, &head, protocol.as_deref(), exchange).await;
                     }));
                 }
@@ -230,61 +230,87 @@ fn abort_incomplete_request<S: h3::quic::SendStream<Bytes>>(stream: &mut S) {
 /// Routes incoming QUIC DATAGRAM frames to their tunnel by quarter stream ID (RFC 9297 §2.1).
 #[derive(Default)]
 struct DatagramRouter {
-    routes: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    routes: Mutex<HashMap<u64, Arc<UdpUplink>>>,
 }
 
 impl DatagramRouter {
-    fn register(&self, qsid: u64, tx: mpsc::Sender<Bytes>) {
-        self.routes.lock().expect("router lock").insert(qsid, tx);
+    fn register(&self, qsid: u64, uplink: Arc<UdpUplink>) {
+        self.routes
+            .lock()
+            .expect("router lock")
+            .insert(qsid, uplink);
     }
     fn unregister(&self, qsid: u64) {
         self.routes.lock().expect("router lock").remove(&qsid);
     }
+    fn get(&self, qsid: u64) -> Option<Arc<UdpUplink>> {
+        self.routes.lock().expect("router lock").get(&qsid).cloned()
+    }
 }
 
+/// Client datagrams taken from the connection in one go before they are sent on.
+const DATAGRAM_BATCH: usize = 64;
+
+/// Reads the connection's QUIC DATAGRAM frames in bursts (whatever quinn has buffered, up to
+/// [`DATAGRAM_BATCH`]) and hands each tunnel's run of them straight to its destination socket: no
+/// task or channel hop per datagram.
 async fn route_datagrams(core: Arc<Core>, quic: quinn::Connection, router: Arc<DatagramRouter>) {
-    while let Ok(frame) = quic.read_datagram().await {
-        match cfr_proto::datagram::split_quarter_stream_id(&frame) {
-            Ok((qsid, payload)) => {
-                let tx = router
-                    .routes
-                    .lock()
-                    .expect("router lock")
-                    .get(&qsid)
-                    .cloned();
-                match tx {
-                    // Queue full: drop, never block the connection.
-                    Some(tx) => {
-                        if tx.try_send(payload).is_err() {
-                            core.datagram_dropped("datagram_queue_full");
-                        }
-                    }
-                    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
-                    //# If a datagram is received after the corresponding stream's receive side is
-                    //# closed, the received datagrams MUST be silently dropped.
-                    //
-                    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
-                    //# If an HTTP/3 Datagram is received and its Quarter Stream ID field maps to a
-                    //# stream that has not yet been created, the receiver SHALL either drop that
-                    //# datagram silently or buffer it temporarily (on the order of a round trip) while
-                    //# awaiting the creation of the corresponding stream.
-                    //
-                    // Dropped (and counted) either way: the router cannot tell the two apart.
-                    None => core.datagram_dropped("datagram_unknown_stream"),
+    let mut burst: Vec<(u64, Bytes)> = Vec::with_capacity(DATAGRAM_BATCH);
+    let mut run: Vec<Bytes> = Vec::with_capacity(DATAGRAM_BATCH);
+    while let Ok(first) = quic.read_datagram().await {
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            match cfr_proto::datagram::split_quarter_stream_id(&frame) {
+                Ok(routed) => burst.push(routed),
+                //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+                //# Receipt of a QUIC DATAGRAM frame whose payload is too short to allow
+                //# parsing the Quarter Stream ID field MUST be treated as an HTTP/3
+                //# connection error of type H3_DATAGRAM_ERROR (0x33).
+                //
+                // `split_quarter_stream_id` also refuses a value above 2^60-1, the other
+                // connection error of that section (quoted there).
+                Err(e) => {
+                    core.datagram_dropped("malformed_datagram");
+                    tracing::debug!(error = %e, "malformed HTTP datagram: closing the connection");
+                    quic.close(H3_DATAGRAM_ERROR, b"malformed HTTP datagram");
+                    return;
                 }
             }
-            //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
-            //# Receipt of a QUIC DATAGRAM frame whose payload is too short to allow
-            //# parsing the Quarter Stream ID field MUST be treated as an HTTP/3
-            //# connection error of type H3_DATAGRAM_ERROR (0x33).
-            //
-            // `split_quarter_stream_id` also refuses a value above 2^60-1, the other
-            // connection error of that section (quoted there).
-            Err(e) => {
-                core.datagram_dropped("malformed_datagram");
-                tracing::debug!(error = %e, "malformed HTTP datagram: closing the connection");
-                quic.close(H3_DATAGRAM_ERROR, b"malformed HTTP datagram");
-                return;
+            if burst.len() < DATAGRAM_BATCH {
+                next = quic.read_datagram().now_or_never().and_then(Result::ok);
+            }
+        }
+        let mut current = None;
+        for (qsid, payload) in burst.drain(..) {
+            if current != Some(qsid) {
+                send_run(&core, &router, current, &mut run);
+                current = Some(qsid);
+            }
+            run.push(payload);
+        }
+        send_run(&core, &router, current, &mut run);
+    }
+}
+
+/// Sends one tunnel's consecutive datagrams of a burst; leaves `run` empty.
+fn send_run(core: &Core, router: &DatagramRouter, qsid: Option<u64>, run: &mut Vec<Bytes>) {
+    let Some(qsid) = qsid else { return };
+    match router.get(qsid) {
+        Some(uplink) => uplink.send_datagrams(core, run),
+        //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+        //# If a datagram is received after the corresponding stream's receive side is
+        //# closed, the received datagrams MUST be silently dropped.
+        //
+        //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+        //# If an HTTP/3 Datagram is received and its Quarter Stream ID field maps to a
+        //# stream that has not yet been created, the receiver SHALL either drop that
+        //# datagram silently or buffer it temporarily (on the order of a round trip) while
+        //# awaiting the creation of the corresponding stream.
+        //
+        // Dropped (and counted) either way: the router cannot tell the two apart.
+        None => {
+            for _ in run.drain(..) {
+                core.datagram_dropped("datagram_unknown_stream");
             }
         }
     }
@@ -298,7 +324,6 @@ struct H3Exchange {
     quic: quinn::Connection,
     router: Arc<DatagramRouter>,
     route: Option<RouteGuard>,
-    queue: usize,
 }
 
 impl Exchange for H3Exchange {
@@ -330,10 +355,9 @@ impl Exchange for H3Exchange {
         )))
     }
 
-    fn udp_channels(&mut self) -> UdpChannels {
+    fn udp_channels(&mut self, uplink: &Arc<UdpUplink>) -> UdpChannels {
         let qsid = cfr_proto::datagram::quarter_stream_id(self.stream.id().into_inner());
-        let (tx, rx) = mpsc::channel(self.queue);
-        self.router.register(qsid, tx);
+        self.router.register(qsid, uplink.clone());
         //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1.1
         //# QUIC DATAGRAM frames MUST NOT be sent until the SETTINGS_H3_DATAGRAM setting
         //# has been both sent and received with a value of 1.
@@ -346,6 +370,9 @@ impl Exchange for H3Exchange {
             Box::new(QuicDatagrams {
                 quic: self.quic.clone(),
                 qsid,
+                arena: BytesMut::new(),
+                max_frame: 0,
+                room: 0,
             }) as Box<dyn DatagramOut>
         });
         // Unregistered when the receive half is dropped.
@@ -353,10 +380,7 @@ impl Exchange for H3Exchange {
             router: self.router.clone(),
             qsid,
         });
-        UdpChannels {
-            datagrams_in: Some(rx),
-            datagrams_out: out,
-        }
+        UdpChannels { datagrams_out: out }
     }
 
     fn protocol(&self) -> &'static str {
@@ -378,25 +402,42 @@ impl Drop for RouteGuard {
 struct QuicDatagrams {
     quic: quinn::Connection,
     qsid: u64,
+    /// Frames are cut from this buffer (one allocation per burst, not per datagram).
+    arena: BytesMut,
+    /// Largest frame the connection takes now, and room left in its datagram send buffer, as read
+    /// by the last `begin_batch`.
+    max_frame: usize,
+    room: usize,
 }
 
 impl DatagramOut for QuicDatagrams {
-    fn max_payload(&self) -> Option<usize> {
-        let max = self.quic.max_datagram_size()?;
-        max.checked_sub(cfr_proto::varint::encoded_len(self.qsid))
+    fn begin_batch(&mut self) {
+        self.max_frame = self.quic.max_datagram_size().unwrap_or(0);
+        self.room = self.quic.datagram_send_buffer_space();
     }
 
-    fn send(&self, context_id: u64, data: &[u8]) -> bool {
-        let mut frame = Vec::with_capacity(16 + data.len());
-        cfr_proto::varint::encode(self.qsid, &mut frame);
-        cfr_proto::varint::encode(context_id, &mut frame);
-        frame.extend_from_slice(data);
+    fn send(&mut self, context_id: u64, data: &[u8]) -> DatagramSent {
+        use cfr_proto::varint;
+        let len = varint::encoded_len(self.qsid) + varint::encoded_len(context_id) + data.len();
+        if len > self.max_frame {
+            return DatagramSent::TooLarge;
+        }
         // A full send buffer means the client's path is slower than the destination: drop this
         // datagram (and count it) rather than let quinn silently evict older ones.
-        if self.quic.datagram_send_buffer_space() < frame.len() {
-            return false;
+        if len > self.room {
+            return DatagramSent::Dropped;
         }
-        self.quic.send_datagram(Bytes::from(frame)).is_ok()
+        self.room -= len;
+        let qsid = self.qsid;
+        let frame = frame_in(&mut self.arena, len, |a| {
+            varint::encode(qsid, a);
+            varint::encode(context_id, a);
+            a.put_slice(data);
+        });
+        match self.quic.send_datagram(frame) {
+            Ok(()) => DatagramSent::Sent,
+            Err(_) => DatagramSent::Dropped,
+        }
     }
 }
 

@@ -267,6 +267,9 @@ fn sealed_pool(
 /// How long connections get after the grace period to deliver their tunnels' resets and close.
 pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// Receive and send buffer of the QUIC endpoint's UDP socket.
+const QUIC_SOCKET_BUFFER: usize = 4 << 20;
+
 /// Binds the QUIC endpoint and, unless disabled, the TCP listener. Without `listen_tcp` the TCP
 /// listener takes the QUIC socket's port number; when `listen` asks for an ephemeral port and that
 /// number is taken on TCP, both are bound again on a fresh port.
@@ -281,6 +284,12 @@ fn bind_listeners(
     loop {
         attempts += 1;
         let socket = std::net::UdpSocket::bind(listen).map_err(bind_err(listen))?;
+        // One socket carries every client's packets: a default-size receive buffer (~90 packets)
+        // overflows on a burst while the endpoint task waits for a CPU. Limits, not allocations;
+        // the kernel caps them at net.core.{r,w}mem_max.
+        let buffers = socket2::SockRef::from(&socket);
+        let _ = buffers.set_recv_buffer_size(QUIC_SOCKET_BUFFER);
+        let _ = buffers.set_send_buffer_size(QUIC_SOCKET_BUFFER);
         let endpoint = quinn::Endpoint::new(
             endpoint_config.clone(),
             Some(server_config.clone()),

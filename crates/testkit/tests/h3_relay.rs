@@ -93,6 +93,108 @@ async fn udp_tunnel_survives_unknown_context_id() {
     assert_eq!(echo.count(), 1, "only the context-0 datagram is forwarded");
 }
 
+/// A UDP tunnel to a plain loopback socket the test drives itself; the relay and client must
+/// outlive the tunnel.
+async fn udp_tunnel_to_bare_socket() -> (
+    tokio::net::UdpSocket,
+    TestRelay,
+    RelayClient,
+    cfr_client::UdpTunnel,
+) {
+    let origin = tokio::net::UdpSocket::bind(lo()).await.unwrap();
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let tunnel = client
+        .connect_udp(&target(origin.local_addr().unwrap()))
+        .await
+        .unwrap();
+    (origin, relay, client, tunnel)
+}
+
+#[tokio::test]
+async fn udp_tunnel_keeps_a_burst_of_client_datagrams_apart_and_in_order() {
+    // The relay takes client datagrams off the connection in bursts and sends runs of equal size
+    // with one GSO sendmsg: each must still reach the destination as its own datagram, in order,
+    // and the unknown-context ones in between must be dropped, not sent or merged.
+    let (origin, _relay, _client, tunnel) = udp_tunnel_to_bare_socket().await;
+    assert!(tunnel.uses_quic_datagrams());
+    for i in 0..64u8 {
+        tunnel.send(&[i; 1200]).await.unwrap();
+        if i % 16 == 15 {
+            tunnel.send_unknown_context(7, &[0xee; 1200]).await.unwrap();
+        }
+    }
+    tunnel.send(b"tail").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..64u8 {
+        let n = tokio::time::timeout(LIMIT, origin.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("datagram {i} of the burst never arrived"))
+            .unwrap();
+        assert_eq!(n, 1200, "datagram {i} must keep its own boundary");
+        assert!(
+            buf[..n].iter().all(|&b| b == i),
+            "datagram {i} out of order or mixed with another"
+        );
+    }
+    let n = tokio::time::timeout(LIMIT, origin.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"tail");
+}
+
+#[tokio::test]
+async fn udp_tunnel_splits_a_gso_train_from_the_destination_into_datagrams() {
+    // A destination that answers with one UDP_SEGMENT sendmsg: five 1000-byte datagrams and a
+    // 300-byte one. Whether the relay's socket receives them one by one or merged by UDP GRO, the
+    // client must get six datagrams with their own boundaries, in order.
+    let (origin, _relay, _client, tunnel) = udp_tunnel_to_bare_socket().await;
+    tunnel.send(b"go").await.unwrap();
+    let mut buf = [0u8; 64];
+    let (_, relay_side) = tokio::time::timeout(LIMIT, origin.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut train = Vec::new();
+    for i in 0..5u8 {
+        train.extend_from_slice(&[i; 1000]);
+    }
+    train.extend_from_slice(&[9u8; 300]);
+    let state = quinn_udp::UdpSocketState::new((&origin).into()).unwrap();
+    let transmit = quinn_udp::Transmit {
+        destination: relay_side,
+        ecn: None,
+        contents: &train,
+        segment_size: Some(1000),
+        src_ip: None,
+    };
+    origin
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            state.try_send((&origin).into(), &transmit)
+        })
+        .await
+        .unwrap();
+    for (fill, len) in [
+        (0u8, 1000),
+        (1, 1000),
+        (2, 1000),
+        (3, 1000),
+        (4, 1000),
+        (9, 300),
+    ] {
+        let got = tokio::time::timeout(LIMIT, tunnel.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the {fill:#x} datagram of the train never arrived"))
+            .unwrap();
+        assert_eq!(got.len(), len, "the {fill:#x} datagram must keep its size");
+        assert!(
+            got.iter().all(|&b| b == fill),
+            "the {fill:#x} datagram is out of order or mixed"
+        );
+    }
+}
+
 #[tokio::test]
 async fn inner_tls_passes_byte_exact_both_directions() {
     const UP: u64 = 1_500_000;

@@ -12,6 +12,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::{connect_error, TunnelError};
+use super::setup_phases::{SetupClock, SetupPhase, SetupPhases};
 use crate::auth::{AuthOutcome, Authenticator};
 use crate::config::RelayConfig;
 use crate::metrics as m;
@@ -36,6 +37,8 @@ pub struct Core {
     pub pvd: Option<crate::pvd::PvdPublisher>,
     /// The drain's grace period is over: every open tunnel is aborted (outcome `drained`).
     pub grace_over: tokio_util::sync::CancellationToken,
+    /// Where tunnel setup time goes, summed over all tunnels (no per-client data).
+    pub setup: SetupPhases,
 }
 
 /// Refusals and drops of one relay, readable in-process (tests, status pages) like
@@ -143,6 +146,7 @@ impl Core {
             udp_template,
             pvd: None,
             grace_over: tokio_util::sync::CancellationToken::new(),
+            setup: SetupPhases::default(),
         }
     }
 
@@ -222,7 +226,11 @@ impl Core {
     }
 
     /// Resolves a target and keeps the addresses policy allows, in dial order.
-    pub async fn resolve_allowed(&self, target: &Target) -> Result<Vec<SocketAddr>, TunnelError> {
+    pub async fn resolve_allowed(
+        &self,
+        target: &Target,
+        clock: &SetupClock,
+    ) -> Result<Vec<SocketAddr>, TunnelError> {
         let addrs = match &target.host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
             Host::Name(name) => {
@@ -257,6 +265,7 @@ impl Core {
                 }
             }
         };
+        clock.mark(SetupPhase::Resolve);
         let mut allowed = Vec::with_capacity(addrs.len());
         let mut refusal = None;
         for a in addrs {
@@ -279,6 +288,7 @@ impl Core {
             ));
         }
         self.egress.sort_by_preference(&mut allowed);
+        clock.mark(SetupPhase::Policy);
         Ok(allowed)
     }
 
@@ -288,10 +298,15 @@ impl Core {
         conn: &ClientConn,
         subscriber: Subscriber,
         target: &Target,
+        clock: &SetupClock,
     ) -> Result<TcpStream, TunnelError> {
         let timeout = Duration::from_secs(self.config.timeouts.connect_secs);
-        self.dial(conn, subscriber, target, |source, dest| async move {
-            match tokio::time::timeout(timeout, cfr_egress::connect_tcp(source, dest)).await {
+        self.dial(conn, subscriber, target, clock, |source, dest| async move {
+            let bound = cfr_egress::bind_tcp(source, dest).map_err(|e| connect_error(&e))?;
+            clock.mark(SetupPhase::Bind);
+            let connected = tokio::time::timeout(timeout, bound.connect()).await;
+            clock.mark(SetupPhase::Connect);
+            match connected {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     Ok(stream)
@@ -317,9 +332,13 @@ impl Core {
         conn: &ClientConn,
         subscriber: Subscriber,
         target: &Target,
+        clock: &SetupClock,
     ) -> Result<UdpSocket, TunnelError> {
-        self.dial(conn, subscriber, target, |source, dest| async move {
-            cfr_egress::bind_udp(source, dest).map_err(|e| connect_error(&e))
+        self.dial(conn, subscriber, target, clock, |source, dest| async move {
+            // Bind and connect(2) in one: no packet leaves, so it all counts as binding.
+            let sock = cfr_egress::bind_udp(source, dest).map_err(|e| connect_error(&e));
+            clock.mark(SetupPhase::Bind);
+            sock
         })
         .await
     }
@@ -331,13 +350,14 @@ impl Core {
         conn: &ClientConn,
         subscriber: Subscriber,
         target: &Target,
+        clock: &SetupClock,
         open: F,
     ) -> Result<T, TunnelError>
     where
         F: Fn(Option<IpAddr>, SocketAddr) -> Fut,
         Fut: Future<Output = Result<T, TunnelError>>,
     {
-        let addrs = self.resolve_allowed(target).await?;
+        let addrs = self.resolve_allowed(target, clock).await?;
         let mut last = TunnelError::new(
             ProxyError::DestinationUnavailable,
             "no address to connect to",

@@ -2,9 +2,11 @@
 //! halves of an open tunnel, abstracted over HTTP/3, HTTP/2 and HTTP/1.1.
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+
+use super::udp_pump::UdpUplink;
 
 /// One front-end request/response exchange, abstracted over HTTP/3, HTTP/2 and HTTP/1.1.
 pub trait Exchange: Send {
@@ -16,8 +18,9 @@ pub trait Exchange: Send {
         self,
         response: http::Response<()>,
     ) -> impl Future<Output = io::Result<Option<(Self::Recv, Self::Send)>>> + Send;
-    /// QUIC datagram plumbing for a UDP tunnel (HTTP/3 only); `None`s elsewhere.
-    fn udp_channels(&mut self) -> UdpChannels;
+    /// QUIC datagram plumbing for a UDP tunnel (HTTP/3 only; `None` elsewhere). A front-end that
+    /// receives the client's QUIC datagrams hands them to `uplink` directly.
+    fn udp_channels(&mut self, uplink: &Arc<UdpUplink>) -> UdpChannels;
     /// Front-end name for metrics (`h3`, `h2`, `http/1.1`).
     fn protocol(&self) -> &'static str;
 }
@@ -53,19 +56,27 @@ pub trait TunnelSend: Send {
     fn reset(&mut self, why: Abort);
 }
 
-/// QUIC DATAGRAM frames towards the client, when the front-end has them (HTTP/3 only).
-pub trait DatagramOut: Send + Sync {
-    /// Largest HTTP datagram payload (context ID + data) that fits a frame now, if any.
-    fn max_payload(&self) -> Option<usize>;
-    /// Sends one HTTP datagram (context ID + data) in one QUIC DATAGRAM frame, built with a
-    /// single allocation; never blocks. False if it was dropped.
-    fn send(&self, context_id: u64, data: &[u8]) -> bool;
+/// What became of one HTTP datagram handed to [`DatagramOut::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramSent {
+    Sent,
+    /// No room in the connection's datagram send buffer (or the connection is gone).
+    Dropped,
+    /// Larger than a QUIC DATAGRAM frame can be on this connection now (or datagrams are off).
+    TooLarge,
 }
 
-/// Inputs of a UDP tunnel besides the socket and the request stream.
+/// QUIC DATAGRAM frames towards the client, when the front-end has them (HTTP/3 only).
+pub trait DatagramOut: Send {
+    /// Reads the connection's datagram limits once for the burst of sends that follows.
+    fn begin_batch(&mut self);
+    /// Sends one HTTP datagram (context ID + data) in one QUIC DATAGRAM frame, within the limits
+    /// read by the last [`DatagramOut::begin_batch`]; never blocks.
+    fn send(&mut self, context_id: u64, data: &[u8]) -> DatagramSent;
+}
+
+/// Front-end specific plumbing of a UDP tunnel besides the request stream.
 pub struct UdpChannels {
-    /// HTTP datagram payloads (context ID + data) that arrived as QUIC DATAGRAM frames.
-    pub datagrams_in: Option<mpsc::Receiver<Bytes>>,
     /// QUIC DATAGRAM output, if the client negotiated it (RFC 9297 §2.1.1).
     pub datagrams_out: Option<Box<dyn DatagramOut>>,
 }

@@ -11,17 +11,21 @@ mod pump;
 #[cfg(test)]
 mod pump_tests;
 mod request;
+mod setup_phases;
 mod tcp_pump;
 mod udp_pump;
 
 pub use self::core::{ClientConn, Core, RelayCounters, TunnelPermit};
 pub use error::{error_response, TunnelError, PROXY_NAME};
-pub use exchange::{Abort, DatagramOut, Exchange, TunnelRecv, TunnelSend, UdpChannels};
+pub use exchange::{
+    Abort, DatagramOut, DatagramSent, Exchange, TunnelRecv, TunnelSend, UdpChannels,
+};
 pub use log::{log_tunnel_end, log_tunnel_refused, tunnel_id};
 pub use pump::{TunnelOutcome, TunnelStats};
 pub use request::{classify, serve_request, TunnelRequest};
+pub use setup_phases::{SetupClock, SetupPhase, SetupPhases, SetupSnapshot};
 pub use tcp_pump::relay_tcp;
-pub use udp_pump::relay_udp;
+pub use udp_pump::{frame_in, relay_udp, UdpUplink};
 
 /// Tunnel kinds, for limits, metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

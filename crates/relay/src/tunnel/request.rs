@@ -1,14 +1,17 @@
 //! The life of one tunnel request: classify the head, authenticate, admit, dial, answer, pump, log.
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use cfr_proto::{ProxyError, Target};
 
 use super::core::{ClientConn, Core};
 use super::error::{error_response, TunnelError};
 use super::exchange::Exchange;
 use super::log::{log_tunnel_end, log_tunnel_refused, tunnel_id};
+use super::setup_phases::{SetupClock, SetupPhase};
 use super::tcp_pump::relay_tcp;
-use super::udp_pump::relay_udp;
+use super::udp_pump::{relay_udp, UdpUplink};
 use super::TunnelKind;
 use crate::metrics as m;
 
@@ -147,12 +150,14 @@ pub async fn serve_request<E: Exchange>(
     mut exchange: E,
 ) {
     let started = Instant::now();
+    let clock = SetupClock::start();
     let id = tunnel_id();
     core.request_seen(exchange.protocol());
     let request =
         check_header_section_size(head, protocol, core.config.limits.max_request_head_bytes)
             .and_then(|()| core.authenticate(&head.headers, conn))
             .and_then(|subscriber| {
+                clock.mark(SetupPhase::Auth);
                 classify(&head.method, protocol, &head.uri, &core.udp_template)
                     .map(|r| (subscriber, r))
             });
@@ -168,37 +173,53 @@ pub async fn serve_request<E: Exchange>(
             return;
         }
     };
+    clock.mark(SetupPhase::Parse);
     let permit = match core.admit(conn) {
         Ok(p) => p,
         Err(err) => return refuse(id, request.kind, Some(&request.target), err, exchange).await,
     };
+    clock.mark(SetupPhase::Admit);
     let kind = request.kind;
     let target = request.target;
     match kind {
         TunnelKind::Tcp => {
-            let tcp = match core.open_tcp(conn, subscriber, &target).await {
+            let tcp = match core.open_tcp(conn, subscriber, &target, &clock).await {
                 Ok(t) => t,
                 Err(err) => return refuse(id, kind, Some(&target), err, exchange).await,
             };
             let Some((rx, tx)) = open_response(exchange, kind, false).await else {
                 return;
             };
+            clock.mark(SetupPhase::Respond);
+            core.setup.record(&clock);
             let _active = ActiveTunnel::new(kind);
             let stats = relay_tcp(core, tcp, rx, tx).await;
             core.tunnel_ended(&stats);
             log_tunnel_end(&id, kind, &target, 200, &stats, started);
         }
         TunnelKind::Udp => {
-            let sock = match core.open_udp(conn, subscriber, &target).await {
+            let sock = match core.open_udp(conn, subscriber, &target, &clock).await {
                 Ok(s) => s,
                 Err(err) => return refuse(id, kind, Some(&target), err, exchange).await,
             };
-            let channels = exchange.udp_channels();
+            let uplink = match UdpUplink::new(sock) {
+                Ok(u) => Arc::new(u),
+                Err(_) => {
+                    let err = TunnelError::new(
+                        ProxyError::ProxyInternalError,
+                        "cannot set up the UDP socket",
+                    );
+                    return refuse(id, kind, Some(&target), err, exchange).await;
+                }
+            };
+            let channels = exchange.udp_channels(&uplink);
             let Some((rx, tx)) = open_response(exchange, kind, true).await else {
                 return;
             };
+            clock.mark(SetupPhase::Respond);
+            core.setup.record(&clock);
             let _active = ActiveTunnel::new(kind);
-            let stats = relay_udp(core, sock, rx, tx, channels).await;
+            let stats = relay_udp(core, &uplink, rx, tx, channels).await;
             core.tunnel_ended(&stats);
             log_tunnel_end(&id, kind, &target, 200, &stats, started);
         }

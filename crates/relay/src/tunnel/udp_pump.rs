@@ -1,19 +1,149 @@
 //! The UDP pump: a CONNECT-UDP tunnel's payloads between capsules / QUIC datagrams and the
-//! connected egress socket, with GSO batches towards the destination.
-use std::io;
+//! connected egress socket.
+//!
+//! Per-datagram costs are kept out of the path: client QUIC datagrams go from the connection's
+//! datagram reader straight to the socket ([`UdpUplink::send_datagrams`], no task or channel hop),
+//! runs of equal size as one UDP GSO sendmsg; the socket is read with recvmmsg and UDP GRO
+//! (quinn-udp), and the frames towards the client are cut from one shared buffer instead of one
+//! allocation each.
+use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cfr_proto::capsule::{self, Capsule, CapsuleDecoder};
 use cfr_proto::datagram::{self, MAX_UDP_PAYLOAD, UDP_PAYLOAD_CONTEXT};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::core::Core;
-use super::exchange::{TunnelRecv, TunnelSend, UdpChannels};
+use super::exchange::{DatagramSent, TunnelRecv, TunnelSend, UdpChannels};
 use super::pump::{abort_client, grace_over, Activity, TunnelOutcome, TunnelStats};
 use crate::metrics as m;
+
+/// The destination side of a CONNECT-UDP tunnel: its connected egress socket, shared by the pump
+/// (which reads it) and by whatever hands it client datagrams (the pump for capsules, the HTTP/3
+/// front-end's datagram reader for QUIC DATAGRAM frames).
+pub struct UdpUplink {
+    sock: UdpSocket,
+    recv_state: quinn_udp::UdpSocketState,
+    activity: Activity,
+    datagrams: AtomicU64,
+    bytes: AtomicU64,
+    /// Cleared on the first GSO failure: one send per datagram from then on.
+    gso: AtomicBool,
+}
+
+impl UdpUplink {
+    /// Wraps the tunnel's connected socket; enables UDP GRO on it where the kernel has it.
+    pub fn new(sock: UdpSocket) -> io::Result<UdpUplink> {
+        let recv_state = quinn_udp::UdpSocketState::new((&sock).into())?;
+        // A burst from the destination (an echo of a window of client datagrams) arrives while the
+        // pump may be waiting for a CPU: the default receive buffer (rmem_default, ~90 datagrams
+        // of 1200 bytes) drops the rest. A limit, not an allocation; the kernel caps it at
+        // net.core.rmem_max.
+        let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(UDP_RECV_BUFFER);
+        Ok(UdpUplink {
+            sock,
+            recv_state,
+            activity: Activity::new(),
+            datagrams: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            gso: AtomicBool::new(true),
+        })
+    }
+
+    /// Sends one UDP payload to the destination; never blocks.
+    fn send_one(&self, core: &Core, data: &[u8]) {
+        match self.sock.try_send(data) {
+            Ok(_) => self.count(1, data.len()),
+            //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+            //# UDP proxies MUST NOT introduce fragmentation at the IP layer when forwarding
+            //# HTTP Datagrams onto a UDP socket; overly large datagrams are silently dropped.
+            //
+            // The egress socket sets DF / IP_PMTUDISC_PROBE (`cfr_egress::bind_udp`): a payload
+            // the path cannot carry fails with EMSGSIZE and is dropped here, as is one the socket
+            // buffer has no room for right now.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                core.datagram_dropped("udp_send_buffer_full")
+            }
+            Err(_) => core.datagram_dropped("udp_send_error"),
+        }
+    }
+
+    fn count(&self, datagrams: usize, bytes: usize) {
+        self.datagrams
+            .fetch_add(datagrams as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Sends a burst of HTTP datagram payloads (context ID + data) from the client's QUIC DATAGRAM
+    /// frames. `payloads` is used as scratch space and left empty. Runs of equal size go out as
+    /// one UDP_SEGMENT (GSO) sendmsg, which crosses the IP stack once instead of per datagram;
+    /// everything else (and anything after a GSO failure) one send per datagram.
+    pub fn send_datagrams(&self, core: &Core, payloads: &mut Vec<Bytes>) {
+        self.activity.touch();
+        // RFC 9298 §5 (quoted in the capsule path of `relay_udp`): only context ID 0 carries UDP
+        // payloads; others are dropped, not errors.
+        payloads.retain_mut(|p| match datagram::split_context_id(p) {
+            Ok((UDP_PAYLOAD_CONTEXT, data)) => {
+                *p = data;
+                true
+            }
+            Ok(_) => {
+                core.datagram_dropped("unknown_context_id");
+                false
+            }
+            Err(_) => {
+                core.datagram_dropped("malformed_datagram");
+                false
+            }
+        });
+        let mut rest = &payloads[..];
+        while let Some(first) = rest.first() {
+            let size = first.len();
+            let run = rest
+                .iter()
+                .take_while(|d| d.len() == size)
+                .take(GSO_MAX_SEGMENTS)
+                .take((GSO_MAX_BYTES / size.max(1)).max(1))
+                .count();
+            let (group, tail) = rest.split_at(run);
+            rest = tail;
+            if run > 1 && size > 0 && self.gso.load(Ordering::Relaxed) {
+                match send_segments(&self.sock, group, size) {
+                    Ok(()) => {
+                        self.count(run, run * size);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        for _ in 0..run {
+                            core.datagram_dropped("udp_send_buffer_full");
+                        }
+                        continue;
+                    }
+                    // No GSO on this path (EIO, EINVAL) or a payload the path cannot carry
+                    // (EMSGSIZE): one send per datagram from now on, with its own outcome.
+                    Err(_) => self.gso.store(false, Ordering::Relaxed),
+                }
+            }
+            for d in group {
+                self.send_one(core, d);
+            }
+        }
+        payloads.clear();
+    }
+}
+
+/// Receive buffer of a tunnel's egress socket.
+const UDP_RECV_BUFFER: usize = 1 << 20;
+
+/// Datagrams read from the destination socket per recvmmsg.
+const RECV_BATCH: usize = 16;
+/// Room per received message: the largest UDP payload, or a GRO train of smaller ones.
+const RECV_SLOT: usize = 1 << 16;
+/// Frames towards the client are cut from buffers of this size (one allocation per burst).
+const FRAME_ARENA: usize = 64 * 1024;
 
 /// Moves UDP payloads between the client (QUIC datagrams and/or DATAGRAM capsules) and the
 /// connected UDP socket until the request stream ends or the tunnel idles out.
@@ -28,46 +158,19 @@ use crate::metrics as m;
 //# close the request stream when closing the socket.
 pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
     core: &Core,
-    sock: UdpSocket,
+    uplink: &UdpUplink,
     mut rx: R,
     mut tx: S,
     channels: UdpChannels,
 ) -> TunnelStats {
-    let activity = Activity::new();
     let idle = Duration::from_secs(core.config.timeouts.udp_idle_secs);
-    let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let bytes_up = AtomicU64::new(0);
     let bytes_down = AtomicU64::new(0);
     // Set once the client sends a capsule: from then on answer with capsules too, whatever was
     // negotiated (RFC 9297 §3.5 lets either encoding be used; curl only understands capsules).
     let client_uses_capsules = AtomicBool::new(channels.datagrams_out.is_none());
     let (cap_tx, mut cap_rx) = mpsc::channel::<Bytes>(core.config.limits.datagram_queue);
-    let UdpChannels {
-        datagrams_in,
-        datagrams_out,
-    } = channels;
-
-    let forward = |data: &[u8]| {
-        activity.touch();
-        match sock.try_send(data) {
-            Ok(_) => {
-                up.fetch_add(1, Ordering::Relaxed);
-                bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-            //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
-            //# UDP proxies MUST NOT introduce fragmentation at the IP layer when forwarding
-            //# HTTP Datagrams onto a UDP socket; overly large datagrams are silently dropped.
-            //
-            // The egress socket sets DF / IP_PMTUDISC_PROBE (`cfr_egress::bind_udp`): a payload
-            // the path cannot carry fails with EMSGSIZE and is dropped here, as is one the socket
-            // buffer has no room for right now.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                core.datagram_dropped("udp_send_buffer_full")
-            }
-            Err(_) => core.datagram_dropped("udp_send_error"),
-        }
-    };
+    let mut datagrams_out = channels.datagrams_out;
 
     // Client → destination, capsules on the request stream.
     let from_stream = async {
@@ -81,7 +184,8 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                             Ok(Some(Capsule::Datagram { context_id, data })) => {
                                 client_uses_capsules.store(true, Ordering::Relaxed);
                                 if context_id == UDP_PAYLOAD_CONTEXT {
-                                    forward(&data);
+                                    uplink.activity.touch();
+                                    uplink.send_one(core, &data);
                                 } else {
                                     //= https://www.rfc-editor.org/rfc/rfc9298#section-5
                                     //# If an HTTP/3 Datagram that carries an unknown Context ID is
@@ -118,72 +222,24 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
         }
     };
 
-    // Client → destination, QUIC DATAGRAM frames (already stripped of the quarter stream ID).
-    // Datagrams that queued up while this task was not running go out together: runs of equal
-    // size as one UDP_SEGMENT (GSO) sendmsg, which crosses the IP stack once instead of per
-    // datagram; everything else (and any GSO failure) one send per datagram as before.
-    let from_datagrams = async {
-        let Some(mut dg) = datagrams_in else {
-            return std::future::pending::<Result<(), TunnelOutcome>>().await;
-        };
-        let mut gso = true;
-        let mut batch: Vec<Bytes> = Vec::with_capacity(GSO_MAX_SEGMENTS);
-        while let Some(first) = dg.recv().await {
-            batch.clear();
-            for payload in std::iter::once(first)
-                .chain(std::iter::from_fn(|| dg.try_recv().ok()))
-                .take(GSO_MAX_SEGMENTS)
-            {
-                match datagram::split_context_id(&payload) {
-                    Ok((UDP_PAYLOAD_CONTEXT, data)) => batch.push(data),
-                    // RFC 9298 §5, quoted in the capsule path above.
-                    Ok(_) => core.datagram_dropped("unknown_context_id"),
-                    Err(_) => core.datagram_dropped("malformed_datagram"),
-                }
-            }
-            let mut rest = &batch[..];
-            while let Some(first) = rest.first() {
-                let size = first.len();
-                let run = rest
-                    .iter()
-                    .take_while(|d| d.len() == size)
-                    .take((GSO_MAX_BYTES / size.max(1)).max(1))
-                    .count();
-                let (group, tail) = rest.split_at(run);
-                rest = tail;
-                if gso && run > 1 && size > 0 {
-                    match send_segments(&sock, group, size) {
-                        Ok(()) => {
-                            activity.touch();
-                            up.fetch_add(run as u64, Ordering::Relaxed);
-                            bytes_up.fetch_add((run * size) as u64, Ordering::Relaxed);
-                            continue;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            activity.touch();
-                            for _ in 0..run {
-                                core.datagram_dropped("udp_send_buffer_full");
-                            }
-                            continue;
-                        }
-                        // No GSO on this path (EIO, EINVAL) or a payload the path cannot carry
-                        // (EMSGSIZE): one send per datagram from now on, with its own outcome.
-                        Err(_) => gso = false,
-                    }
-                }
-                for d in group {
-                    forward(d);
-                }
-            }
-        }
-        std::future::pending::<Result<(), TunnelOutcome>>().await
-    };
-
-    // Destination → client.
+    // Destination → client: recvmmsg (+ GRO trains) into fixed slots, one pass over the batch.
     let from_socket = async {
-        let mut buf = vec![0u8; 65536];
+        // calloc'd: pages are only touched (resident) as far as datagrams fill them.
+        let mut slots = vec![0u8; RECV_BATCH * RECV_SLOT];
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            slots.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
+        let mut meta = [quinn_udp::RecvMeta::default(); RECV_BATCH];
+        let mut capsules = BytesMut::new();
         loop {
-            let n = match sock.recv(&mut buf).await {
+            let received = uplink
+                .sock
+                .async_io(tokio::io::Interest::READABLE, || {
+                    uplink
+                        .recv_state
+                        .recv((&uplink.sock).into(), &mut bufs, &mut meta)
+                })
+                .await;
+            let n = match received {
                 Ok(n) => n,
                 //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
                 //# If a UDP proxy is
@@ -199,36 +255,53 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
                     continue;
                 }
             };
-            activity.touch();
-            down.fetch_add(1, Ordering::Relaxed);
-            bytes_down.fetch_add(n as u64, Ordering::Relaxed);
-            let data = &buf[..n];
+            uplink.activity.touch();
             let via_quic = !client_uses_capsules.load(Ordering::Relaxed);
-            if via_quic {
-                if let Some(out) = &datagrams_out {
-                    let payload_len = cfr_proto::varint::encoded_len(UDP_PAYLOAD_CONTEXT) + n;
-                    if out.max_payload().is_some_and(|max| payload_len <= max) {
-                        if !out.send(UDP_PAYLOAD_CONTEXT, data) {
-                            core.datagram_dropped("quic_datagram_send");
-                        }
-                        continue;
-                    }
-                    //= https://www.rfc-editor.org/rfc/rfc9298#section-6.1
-                    //# If a UDP proxy is using QUIC DATAGRAM
-                    //# frames and it receives a UDP payload from the target that will not fit inside a
-                    //# QUIC DATAGRAM frame, the UDP proxy SHOULD NOT send the UDP payload in a DATAGRAM
-                    //# capsule
-                    //
-                    // TODO: not met. Too large for a DATAGRAM frame, the payload goes out in a
-                    // capsule rather than being lost (and no ICMP Packet Too Big is sent): kept
-                    // until the interop peers that rely on it (large DNS answers) are checked.
-                }
+            if let (true, Some(out)) = (via_quic, datagrams_out.as_mut()) {
+                out.begin_batch();
             }
-            let mut c = Vec::with_capacity(n + 8);
-            capsule::encode_datagram(UDP_PAYLOAD_CONTEXT, data, &mut c);
-            // Never block the socket on a slow client: drop when the capsule queue is full.
-            if cap_tx.try_send(Bytes::from(c)).is_err() {
-                core.datagram_dropped("capsule_queue_full");
+            for (buf, meta) in bufs.iter().zip(&meta).take(n) {
+                // A GRO train holds datagrams of `stride` bytes (the last may be shorter).
+                let stride = if meta.stride == 0 {
+                    meta.len
+                } else {
+                    meta.stride
+                };
+                // An empty UDP payload is a datagram too (RFC 9298 §5); chunks() yields none.
+                let empty = (meta.len == 0).then_some(&[][..]);
+                for data in buf[..meta.len].chunks(stride.max(1)).chain(empty) {
+                    down.fetch_add(1, Ordering::Relaxed);
+                    bytes_down.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if via_quic {
+                        if let Some(out) = datagrams_out.as_mut() {
+                            match out.send(UDP_PAYLOAD_CONTEXT, data) {
+                                DatagramSent::Sent => continue,
+                                DatagramSent::Dropped => {
+                                    core.datagram_dropped("quic_datagram_send");
+                                    continue;
+                                }
+                                //= https://www.rfc-editor.org/rfc/rfc9298#section-6.1
+                                //# If a UDP proxy is using QUIC DATAGRAM
+                                //# frames and it receives a UDP payload from the target that will not fit inside a
+                                //# QUIC DATAGRAM frame, the UDP proxy SHOULD NOT send the UDP payload in a DATAGRAM
+                                //# capsule
+                                //
+                                // TODO: not met. Too large for a DATAGRAM frame, the payload goes
+                                // out in a capsule rather than being lost (and no ICMP Packet Too
+                                // Big is sent): kept until the interop peers that rely on it
+                                // (large DNS answers) are checked.
+                                DatagramSent::TooLarge => {}
+                            }
+                        }
+                    }
+                    let c = frame_in(&mut capsules, data.len() + 16, |a| {
+                        capsule::encode_datagram(UDP_PAYLOAD_CONTEXT, data, a)
+                    });
+                    // Never block the socket on a slow client: drop when the capsule queue is full.
+                    if cap_tx.try_send(c).is_err() {
+                        core.datagram_dropped("capsule_queue_full");
+                    }
+                }
             }
         }
     };
@@ -244,13 +317,12 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
     };
 
     let idle_timer = async {
-        activity.idle(idle).await;
+        uplink.activity.idle(idle).await;
         Err::<(), TunnelOutcome>(TunnelOutcome::IdleTimeout)
     };
 
     let result: Result<(), TunnelOutcome> = tokio::select! {
         r = from_stream => r,
-        r = from_datagrams => r,
         _ = from_socket => Ok(()),
         r = to_stream => r,
         r = idle_timer => r,
@@ -262,9 +334,9 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
     }
     abort_client(outcome, &mut rx, &mut tx);
     let stats = TunnelStats {
-        datagrams_up: up.into_inner(),
+        datagrams_up: uplink.datagrams.load(Ordering::Relaxed),
         datagrams_down: down.into_inner(),
-        bytes_up: bytes_up.into_inner(),
+        bytes_up: uplink.bytes.load(Ordering::Relaxed),
         bytes_down: bytes_down.into_inner(),
         outcome,
     };
@@ -275,9 +347,19 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
     stats
 }
 
+/// Cuts frames for the client out of shared buffers: a burst of datagrams costs one allocation
+/// per [`FRAME_ARENA`] bytes, not one each.
+pub fn frame_in(arena: &mut BytesMut, len: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+    if arena.capacity() < len {
+        arena.reserve(len.max(FRAME_ARENA));
+    }
+    write(arena);
+    arena.split().freeze()
+}
+
 /// At most this many client datagrams go out in one UDP_SEGMENT sendmsg (the kernel's limit is 64
 /// on older Linux, 128 since 5.x).
-const GSO_MAX_SEGMENTS: usize = 64;
+pub const GSO_MAX_SEGMENTS: usize = 64;
 /// And at most this many bytes (one UDP datagram's worth of payload before segmentation).
 const GSO_MAX_BYTES: usize = 60_000;
 
@@ -288,11 +370,15 @@ fn send_segments(sock: &UdpSocket, group: &[Bytes], size: usize) -> io::Result<(
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
     use std::os::fd::AsRawFd;
     let segment = u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let iov: Vec<io::IoSlice<'_>> = group.iter().map(|d| io::IoSlice::new(d)).collect();
+    let mut iov = [IoSlice::new(&[]); GSO_MAX_SEGMENTS];
+    let count = group.len().min(GSO_MAX_SEGMENTS);
+    for (slot, d) in iov.iter_mut().zip(group) {
+        *slot = IoSlice::new(d);
+    }
     sock.try_io(tokio::io::Interest::WRITABLE, || {
         sendmsg::<SockaddrStorage>(
             sock.as_raw_fd(),
-            &iov,
+            &iov[..count],
             &[ControlMessage::UdpGsoSegments(&segment)],
             MsgFlags::empty(),
             None,

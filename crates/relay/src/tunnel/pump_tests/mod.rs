@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use super::core::Core;
 use super::exchange::{Abort, TunnelRecv, TunnelSend, UdpChannels};
 use super::pump::TunnelStats;
-use super::{relay_tcp, relay_udp};
+use super::{relay_tcp, relay_udp, UdpUplink};
 use crate::auth::Authenticator;
 use crate::config::RelayConfig;
 use crate::policy::DestinationPolicy;
@@ -157,7 +157,6 @@ async fn udp_pair() -> (UdpSocket, UdpSocket) {
 
 fn no_quic_datagrams() -> UdpChannels {
     UdpChannels {
-        datagrams_in: None,
         datagrams_out: None,
     }
 }
@@ -207,8 +206,10 @@ async fn start_tcp(core: Arc<Core>, window: usize) -> Running<TcpStream> {
 async fn start_udp(core: Arc<Core>, window: usize) -> Running<UdpSocket> {
     let (pump_sock, dest) = udp_pair().await;
     let (rx, tx, client, from_client, window) = fake_client(window);
-    let pump =
-        tokio::spawn(async move { relay_udp(&core, pump_sock, rx, tx, no_quic_datagrams()).await });
+    let pump = tokio::spawn(async move {
+        let uplink = UdpUplink::new(pump_sock).unwrap();
+        relay_udp(&core, &uplink, rx, tx, no_quic_datagrams()).await
+    });
     Running {
         pump,
         dest,

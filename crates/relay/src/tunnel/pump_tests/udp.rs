@@ -10,7 +10,7 @@ use cfr_proto::capsule::{Capsule, CapsuleDecoder};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::tunnel::exchange::DatagramOut;
+use crate::tunnel::exchange::{DatagramOut, DatagramSent};
 use crate::tunnel::pump::TunnelOutcome;
 
 #[tokio::test]
@@ -116,7 +116,8 @@ async fn udp_idle_tunnel_is_closed_after_udp_idle_secs_with_a_cancel() {
     let core = core(|c| c.timeouts.udp_idle_secs = 120);
     let (pump_sock, _dest) = udp_pair().await;
     let (rx, tx, client, _from_client, _) = fake_client(OPEN);
-    let pump = relay_udp(&core, pump_sock, rx, tx, no_quic_datagrams());
+    let uplink = UdpUplink::new(pump_sock).unwrap();
+    let pump = relay_udp(&core, &uplink, rx, tx, no_quic_datagrams());
     assert_idles_out(pump, &client, Duration::from_secs(120)).await;
 }
 
@@ -127,34 +128,46 @@ struct FakeQuicDatagrams {
 }
 
 impl DatagramOut for FakeQuicDatagrams {
-    fn max_payload(&self) -> Option<usize> {
-        Some(self.max)
-    }
+    fn begin_batch(&mut self) {}
 
-    fn send(&self, context_id: u64, data: &[u8]) -> bool {
-        self.sent.send((context_id, data.to_vec())).is_ok()
+    fn send(&mut self, context_id: u64, data: &[u8]) -> DatagramSent {
+        if data.len() + 1 > self.max {
+            return DatagramSent::TooLarge;
+        }
+        match self.sent.send((context_id, data.to_vec())) {
+            Ok(()) => DatagramSent::Sent,
+            Err(_) => DatagramSent::Dropped,
+        }
     }
 }
 
 #[tokio::test]
 async fn udp_quic_datagrams_arrive_as_separate_packets_in_order_and_answers_go_back_as_datagrams() {
-    let core = core(|_| {});
+    let core = Arc::new(core(|_| {}));
     let (pump_sock, dest) = udp_pair().await;
     let (rx, tx, client, from_client, _) = fake_client(OPEN);
-    let (datagrams_in, queued) = mpsc::channel(64);
     let (sent, mut to_client) = mpsc::unbounded_channel();
     let channels = UdpChannels {
-        datagrams_in: Some(queued),
         datagrams_out: Some(Box::new(FakeQuicDatagrams { sent, max: 1400 })),
     };
-    // Queued before the pump runs, so they go out as one batch (one GSO sendmsg where the
-    // kernel has it): each must still arrive as its own datagram, in order.
-    for i in 0u8..5 {
-        let mut payload = vec![0x00]; // context ID 0: a UDP payload
-        payload.extend_from_slice(&[i; 1200]);
-        datagrams_in.try_send(Bytes::from(payload)).unwrap();
-    }
-    let mut pump = tokio::spawn(async move { relay_udp(&core, pump_sock, rx, tx, channels).await });
+    let uplink = Arc::new(UdpUplink::new(pump_sock).unwrap());
+    // One burst as the HTTP/3 datagram reader hands it over (one GSO sendmsg where the kernel has
+    // it): each must still arrive as its own datagram, in order; the unknown context ID is
+    // dropped (RFC 9298 §5).
+    let mut burst: Vec<Bytes> = (0u8..5)
+        .map(|i| {
+            let mut payload = vec![0x00]; // context ID 0: a UDP payload
+            payload.extend_from_slice(&[i; 1200]);
+            Bytes::from(payload)
+        })
+        .collect();
+    burst.insert(2, Bytes::from_static(&[0x07, 0xee, 0xee]));
+    uplink.send_datagrams(&core, &mut burst);
+    assert!(burst.is_empty(), "the burst is consumed");
+    let mut pump = {
+        let (core, uplink) = (core.clone(), uplink.clone());
+        tokio::spawn(async move { relay_udp(&core, &uplink, rx, tx, channels).await })
+    };
 
     let mut buf = [0u8; 2048];
     for i in 0u8..5 {
