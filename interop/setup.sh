@@ -62,7 +62,10 @@ log "ok: $venv/bin/python (aioquic + curl_cffi importable, CurlProxyType.HTTPS3 
 # Separate from the block above so it can be read (and dropped) on its own. Idempotent.
 quiche_pkgs=()
 command -v cmake >/dev/null 2>&1 || quiche_pkgs+=(cmake)
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+# libclang itself (bindgen loads libclang.so / libclang-N.so), not libclang-cpp, which other
+# packages pull in and which bindgen cannot use.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+    /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
     quiche_pkgs+=(libclang-dev)
 fi
 if ((${#quiche_pkgs[@]})); then
