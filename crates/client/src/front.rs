@@ -420,29 +420,18 @@ impl AsyncRead for H2Recv {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        loop {
-            if !this.leftover.is_empty() {
-                let n = this.leftover.len().min(buf.remaining());
-                buf.put_slice(&this.leftover.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            if this.eof {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
+        crate::tcp::poll_read_chunks(&mut this.leftover, &mut this.eof, buf, || {
+            Poll::Ready(match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(b)) => {
                     // Window back as soon as the bytes are ours: the reader's pace is the
                     // back-pressure, not HTTP/2 flow control.
                     let _ = this.recv.flow_control().release_capacity(b.len());
-                    this.leftover = b;
+                    Ok(Some(b))
                 }
-                Some(Err(e)) => {
-                    this.eof = true;
-                    return Poll::Ready(Err(h2_io(e)));
-                }
-                None => this.eof = true,
-            }
-        }
+                Some(Err(e)) => Err(h2_io(e)),
+                None => Ok(None),
+            })
+        })
     }
 }
 

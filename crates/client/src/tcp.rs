@@ -184,22 +184,40 @@ impl AsyncRead for H3TcpStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        loop {
-            if !this.leftover.is_empty() {
-                let n = this.leftover.len().min(buf.remaining());
-                buf.put_slice(&this.leftover.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            if this.read_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_recv_data(cx)) {
-                Ok(Some(mut data)) => this.leftover = data.copy_to_bytes(data.remaining()),
-                Ok(None) => this.read_done = true,
-                Err(e) => {
-                    this.read_done = true;
-                    return Poll::Ready(Err(io_error(e)));
-                }
+        poll_read_chunks(&mut this.leftover, &mut this.read_done, buf, || {
+            Poll::Ready(match ready!(this.recv.poll_recv_data(cx)) {
+                Ok(Some(mut data)) => Ok(Some(data.copy_to_bytes(data.remaining()))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(io_error(e)),
+            })
+        })
+    }
+}
+
+/// The read side both tunnel streams (HTTP/3 and HTTP/2) share: hand out what is left of the
+/// last chunk, then pull the next one from `next`; `None` is a clean end, and an error ends
+/// reading as well.
+pub(crate) fn poll_read_chunks(
+    leftover: &mut Bytes,
+    done: &mut bool,
+    buf: &mut ReadBuf<'_>,
+    mut next: impl FnMut() -> Poll<io::Result<Option<Bytes>>>,
+) -> Poll<io::Result<()>> {
+    loop {
+        if !leftover.is_empty() {
+            let n = leftover.len().min(buf.remaining());
+            buf.put_slice(&leftover.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        if *done {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(next()) {
+            Ok(Some(chunk)) => *leftover = chunk,
+            Ok(None) => *done = true,
+            Err(e) => {
+                *done = true;
+                return Poll::Ready(Err(e));
             }
         }
     }
