@@ -55,6 +55,13 @@ async fn open(
     })
 }
 
+/// An authorized TCP tunnel to `dest`; a refusal fails the test.
+async fn open_tcp(c: &FrontClient, relay: &TestRelay, dest: SocketAddr) -> FrontStream {
+    open(c, &FrontRequest::tcp(&target(dest)), Some(&relay.token))
+        .await
+        .unwrap()
+}
+
 /// Everything until a clean end of stream, within [`LIMIT`].
 async fn read_all(t: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
     let mut all = Vec::new();
@@ -187,13 +194,7 @@ async fn malformed_capsule_stream_aborts_the_stream_and_h2_connection_survives()
             assert_eq!(h2_reason(&err), Some(h2::Reason::PROTOCOL_ERROR), "{err}");
         }
         // The same HTTP/2 connection (a fresh one for HTTP/1.1) carries the next tunnel.
-        let mut t = open(
-            &c,
-            &FrontRequest::tcp(&target(echo.addr())),
-            Some(&relay.token),
-        )
-        .await
-        .unwrap();
+        let mut t = open_tcp(&c, &relay, echo.addr()).await;
         assert_echo(&mut t, b"after").await;
     }
 }
@@ -204,13 +205,7 @@ async fn target_reset_aborts_the_tunnel_with_connect_error() {
     let relay = relay_with(|_| {}).await;
     for front in FRONTS {
         let c = client(&relay, front).await;
-        let mut t = open(
-            &c,
-            &FrontRequest::tcp(&target(dest.addr())),
-            Some(&relay.token),
-        )
-        .await
-        .unwrap();
+        let mut t = open_tcp(&c, &relay, dest.addr()).await;
         // The destination resets once these bytes arrive, i.e. after the 2xx.
         t.write_all(b"x").await.unwrap();
         let res = tokio::time::timeout(LIMIT, t.read(&mut [0u8; 64]))
@@ -229,13 +224,7 @@ async fn h2_stream_reset_aborts_the_destination_connection() {
     let dest = TcpEndWatch::start(lo()).await;
     let relay = relay_with(|_| {}).await;
     let c = client(&relay, FrontVersion::H2).await;
-    let mut t = open(
-        &c,
-        &FrontRequest::tcp(&target(dest.addr())),
-        Some(&relay.token),
-    )
-    .await
-    .unwrap();
+    let mut t = open_tcp(&c, &relay, dest.addr()).await;
     t.write_all(b"partial").await.unwrap();
     // A reset discards data not yet delivered: reset only once the bytes are at the destination.
     dest.received_at_least(7, LIMIT).await;
@@ -395,13 +384,7 @@ async fn refusals_match_http3_on_both_fronts() {
             assert_refused(&c, &relay, &case).await;
         }
         // After every refusal the connection (HTTP/2) still opens tunnels.
-        let mut t = open(
-            &c,
-            &FrontRequest::tcp(&target(echo.addr())),
-            Some(&relay.token),
-        )
-        .await
-        .unwrap();
+        let mut t = open_tcp(&c, &relay, echo.addr()).await;
         assert_echo(&mut t, b"still alive").await;
     }
     assert_eq!(
@@ -421,20 +404,8 @@ async fn h2_tunnels_per_connection_limit_is_503() {
     let echo = TcpEcho::start(lo()).await;
     let relay = relay_with(|c| c.limits.tunnels_per_connection = 2).await;
     let c = client(&relay, FrontVersion::H2).await;
-    let a = open(
-        &c,
-        &FrontRequest::tcp(&target(echo.addr())),
-        Some(&relay.token),
-    )
-    .await
-    .unwrap();
-    let _b = open(
-        &c,
-        &FrontRequest::tcp(&target(echo.addr())),
-        Some(&relay.token),
-    )
-    .await
-    .unwrap();
+    let a = open_tcp(&c, &relay, echo.addr()).await;
+    let _b = open_tcp(&c, &relay, echo.addr()).await;
     let third = Refusal {
         name: "third tunnel on one connection",
         token: Token::Valid,
@@ -458,13 +429,7 @@ async fn drain_lets_open_tcp_tunnels_finish_and_refuses_new_connections() {
     let echo = TcpEcho::start(lo()).await;
     let relay = relay_with(|c| c.drain_secs = 10).await;
     let c = client(&relay, FrontVersion::H2).await;
-    let mut t = open(
-        &c,
-        &FrontRequest::tcp(&target(echo.addr())),
-        Some(&relay.token),
-    )
-    .await
-    .unwrap();
+    let mut t = open_tcp(&c, &relay, echo.addr()).await;
     relay.handle().shutdown();
     tokio::time::timeout(LIMIT, relay.handle().draining())
         .await
