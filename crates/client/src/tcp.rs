@@ -42,7 +42,8 @@ struct H3TcpStream {
     leftover: Bytes,
     read_done: bool,
     tx: PollSender<Bytes>,
-    write_error: Arc<Mutex<Option<io::ErrorKind>>>,
+    /// Why the write pump stopped (kind and message), for every later write.
+    write_error: Arc<Mutex<Option<(io::ErrorKind, String)>>>,
     /// Resolves when the writer has sent FIN (after `tx` was closed by `poll_shutdown`).
     finished: Option<oneshot::Receiver<io::Result<()>>>,
     shut: bool,
@@ -108,12 +109,10 @@ impl H3TcpStream {
     }
 
     fn write_err(&self) -> io::Error {
-        let kind = self
-            .write_error
-            .lock()
-            .unwrap()
-            .unwrap_or(io::ErrorKind::BrokenPipe);
-        io::Error::new(kind, "tunnel send side closed")
+        match self.write_error.lock().unwrap().as_ref() {
+            Some((kind, why)) => io::Error::new(*kind, format!("tunnel send side closed: {why}")),
+            None => io::Error::new(io::ErrorKind::BrokenPipe, "tunnel send side closed"),
+        }
     }
 }
 
@@ -137,11 +136,11 @@ async fn write_pump(
     mut rx: mpsc::Receiver<Bytes>,
     mut abort: oneshot::Receiver<()>,
     done: oneshot::Sender<io::Result<()>>,
-    error: Arc<Mutex<Option<io::ErrorKind>>>,
+    error: Arc<Mutex<Option<(io::ErrorKind, String)>>>,
 ) {
     let fail = |e: StreamError| {
         let e = io_error(e);
-        *error.lock().unwrap() = Some(e.kind());
+        *error.lock().unwrap() = Some((e.kind(), e.to_string()));
         e
     };
     loop {

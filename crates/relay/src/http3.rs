@@ -14,15 +14,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::RelayConfig;
 use crate::front::FrontCtx;
+use crate::h3_transport;
 use crate::metrics as m;
 use crate::tunnel::{
     frame_in, serve_request, Abort, ClientConn, Core, DatagramOut, DatagramSent, Exchange,
     TunnelRecv, TunnelSend, UdpChannels, UdpUplink,
 };
 
-type BidiStream = h3_quinn::BidiStream<Bytes>;
-type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
+type BidiStream = h3_transport::BidiStream<Bytes>;
+type SendHalf = RequestStream<h3_transport::SendStream<Bytes>, Bytes>;
+type RecvHalf = RequestStream<h3_transport::RecvStream, Bytes>;
 
 /// QUIC transport settings for client connections.
 pub fn transport_config(config: &RelayConfig) -> quinn::TransportConfig {
@@ -74,7 +75,7 @@ pub(crate) async fn serve_connection(
         .enable_datagram(true)
         // The same limit as every front-end; h3 answers 431 on the one stream beyond it.
         .max_field_section_size(core.config.limits.max_request_head_bytes as u64)
-        .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
+        .build::<_, Bytes>(h3_transport::Connection::new(quic.clone()))
         .await
     {
         Ok(h) => h,
@@ -155,7 +156,7 @@ pub(crate) async fn serve_connection(
                         let first_frame = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
                         let Ok(first_frame) = tokio::time::timeout(header_wait, first_frame).await else {
                             metrics::counter!(m::DROPS, "reason" => "request_header_timeout").increment(1);
-                            abort_incomplete_request(&mut resolver.frame_stream);
+                            abort_incomplete_request(resolver.frame_stream.into_inner());
                             return;
                         };
                         let resolved = match resolver.accept_with_frame(first_frame) {
@@ -213,18 +214,19 @@ async fn send_whole_response(
     }
 }
 
-/// Gives up on a request stream whose header section did not arrive in time: the response side
-/// is reset with H3_REQUEST_INCOMPLETE, which tells the client why.
-///
-/// The receive side can only be stopped with code 0 (quinn's drop): h3-quinn 0.0.10 moves the
-/// QUIC receive stream into the read that is pending on the stalled head, and its
-/// `stop_sending` unwraps the stream it no longer holds.
-fn abort_incomplete_request<S: h3::quic::SendStream<Bytes>>(stream: &mut S) {
+/// Gives up on a request stream whose header section did not arrive in time: both directions
+/// end with H3_REQUEST_INCOMPLETE, which tells the client why.
+fn abort_incomplete_request<S>(mut stream: S)
+where
+    S: h3::quic::SendStream<Bytes> + h3::quic::RecvStream,
+{
     //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1.1
     //# If a client-initiated stream terminates without enough of the HTTP message to provide a
     //# complete response, the server SHOULD abort its response stream with the error code
     //# H3_REQUEST_INCOMPLETE.
     stream.reset(Code::H3_REQUEST_INCOMPLETE.value());
+    // The receive side is stopped with the same code (quinn's drop would say 0, "no error").
+    stream.stop_sending(Code::H3_REQUEST_INCOMPLETE.value());
 }
 
 /// Routes incoming QUIC DATAGRAM frames to their tunnel by quarter stream ID (RFC 9297 §2.1).
@@ -468,11 +470,9 @@ impl TunnelRecv for H3Recv {
     }
 
     fn abort(&mut self, why: Abort) {
-        // h3 0.0.8 reads ahead, so after any read h3-quinn 0.0.10 may hold the QUIC stream inside a
-        // pending read, where its stop_sending panics. The send side carries the error code
-        // (`H3Send::reset`); dropping this half drops the quinn RecvStream, which sends
-        // STOP_SENDING for an unfinished stream by itself.
-        let _ = why;
+        // The transport (h3_transport) keeps the QUIC stream between reads, so this works even
+        // while h3 has a read pending.
+        self.inner.stop_sending(abort_code(why));
     }
 }
 

@@ -7,6 +7,7 @@ mod admission;
 pub mod auth;
 pub mod config;
 mod front;
+mod h3_transport;
 mod http1;
 mod http2;
 pub mod http3;

@@ -449,6 +449,23 @@ async fn target_reset_resets_the_client_stream() {
         .unwrap();
     let err = res.expect_err("a destination reset must reset the tunnel, not end it cleanly");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    // RFC 9114 §4.4: the relay also stops the client's sending side with H3_CONNECT_ERROR.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let stopped = loop {
+        let wrote = async {
+            tunnel.write_all(b"more").await?;
+            tunnel.flush().await
+        };
+        match tokio::time::timeout_at(deadline, wrote).await {
+            Ok(Err(e)) => break e.to_string(),
+            Ok(Ok(())) => tokio::task::yield_now().await,
+            Err(_) => panic!("writes kept succeeding after the destination reset"),
+        }
+    };
+    assert!(
+        stopped.contains("H3_CONNECT_ERROR"),
+        "writes after the reset fail with the relay's STOP_SENDING code: {stopped}"
+    );
 }
 
 #[tokio::test]
@@ -544,12 +561,20 @@ async fn a_request_stream_without_complete_headers_is_closed_after_the_handshake
         ended.is_ok(),
         "the relay must give up on a stalled request head, not hold the stream"
     );
-    // RFC 9114 §4.1.1: the response side is reset with H3_REQUEST_INCOMPLETE (0x10d). (The
-    // STOP_SENDING half still says 0: see http3::abort_incomplete_request.)
+    // RFC 9114 §4.1.1: the response side is reset with H3_REQUEST_INCOMPLETE (0x10d), and the
+    // request side is stopped with the same code (not quinn's default 0).
     let incomplete = quinn::VarInt::from_u32(0x10d);
     assert!(
         matches!(ended, Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c)))) if c == incomplete),
         "the response stream is reset with H3_REQUEST_INCOMPLETE: {ended:?}"
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+        .await
+        .expect("the relay must stop the request side too");
+    assert_eq!(
+        stopped.ok().flatten(),
+        Some(incomplete),
+        "STOP_SENDING carries H3_REQUEST_INCOMPLETE"
     );
     // The connection itself is fine.
     tcp_roundtrip(&client, &target(echo.addr()), b"after stalled stream").await;
