@@ -110,7 +110,7 @@ impl Drop for QuinnThread {
 }
 
 /// CPU seconds per GiB of `bytes`, from the CPU seconds before and after.
-fn per_gib(before: f64, after: f64, bytes: u64) -> f64 {
+pub fn per_gib(before: f64, after: f64, bytes: u64) -> f64 {
     (after - before) / (bytes as f64 / (1u64 << 30) as f64)
 }
 
@@ -284,4 +284,17 @@ pub fn derive(r: &mut crate::Report) {
         r.ratio(&relay_row(&name("TLS/TCP h1 CONNECT", 1, dir)), &quinn);
     }
     r.ratio(&relay_row(udp::TUNNEL), &quinn_row(udp::QUIC));
+    // The TLS/TCP front-end's CPU per byte next to squid's: unlike the throughput ratio, it does
+    // not depend on how much of the two cores the bench's own TLS client takes.
+    for dir in [Dir::Up, Dir::Down] {
+        let squid = crate::peer::cpu_name("squid https", dir);
+        if r.get(&squid).is_some() {
+            r.versus(
+                SECTION,
+                &squid,
+                &relay_row(&name("TLS/TCP h1 CONNECT", 1, dir)),
+                1.5,
+            );
+        }
+    }
 }

@@ -27,6 +27,12 @@ pub fn bulk_name(peer: &str, dir: Dir) -> String {
     format!("{peer} CONNECT, 1 conn, {}", dir.as_str())
 }
 
+/// The peer's own CPU seconds per GiB on its single-stream bulk row (what cfr's relay row in the
+/// cpu section measures for its TLS/TCP front-end).
+pub fn cpu_name(peer: &str, dir: Dir) -> String {
+    format!("{}: proxy CPU", bulk_name(peer, dir))
+}
+
 pub fn rate_name(who: &str) -> String {
     format!("{who} setups/s, 64 clients, new TCP conn each")
 }
@@ -255,8 +261,18 @@ async fn peer_rows(
             return;
         }
     };
+    let stat = p
+        .child
+        .id()
+        .map(|pid| std::path::PathBuf::from(format!("/proc/{pid}/stat")));
+    let peer_cpu = || {
+        stat.as_deref()
+            .and_then(crate::cpu::cpu_secs)
+            .ok_or_else(|| format!("cannot read the CPU time of {peer}"))
+    };
     for dir in [Dir::Up, Dir::Down] {
         let proxy = p.addr;
+        let cpu_before = peer_cpu();
         let r = match &tls {
             Some(tls) => {
                 timed_bulk(1, plan.bytes, dir, || {
@@ -278,7 +294,17 @@ async fn peer_rows(
                 .await
             }
         };
+        let cpu = match (&r, cpu_before, peer_cpu()) {
+            (Ok(_), Ok(before), Ok(after)) => Ok(crate::cpu::per_gib(before, after, plan.bytes)),
+            (Err(e), _, _) => Err(e.to_string()),
+            (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+        };
         rows.push(Row::from_result(SECTION, bulk_name(peer, dir), "Gbit/s", r));
+        rows.push(match cpu {
+            Ok(v) => Row::new(SECTION, cpu_name(peer, dir), v, "CPU s/GiB")
+                .note("peer child process, its own /proc/PID/stat"),
+            Err(e) => Row::unavailable(SECTION, cpu_name(peer, dir), "CPU s/GiB", e),
+        });
     }
     let r = tcp_rate(plan, p.addr, hold, tls, None).await;
     rows.push(rate_row(rate_name(peer), r));
