@@ -102,3 +102,27 @@ if ((${#tcp_front_pkgs[@]})); then
 else
     log "Debian packages for tcp_front tests present (curl, chromium, certutil)"
 fi
+
+# --- Firefox in the interop matrix (interop/firefox_masque.py) -------------------------------
+# Debian firefox-esr (>= 153 has MASQUE proxies) and certutil (the dev CAs go into each run's own
+# profile NSS db). interop/run reports the firefox cells as n/a, never pass, without them.
+firefox_pkgs=()
+[[ -x /usr/bin/firefox-esr ]] || firefox_pkgs+=(firefox-esr)
+command -v certutil >/dev/null 2>&1 || firefox_pkgs+=(libnss3-tools)
+if ((${#firefox_pkgs[@]})); then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "missing ${firefox_pkgs[*]} (for interop/run's firefox cells) and no apt-get; install them by hand" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    log "apt-get update (once) to install: ${firefox_pkgs[*]}"
+    timeout 600 apt-get update -qq
+    timeout 1200 apt-get install -y -qq --no-install-recommends "${firefox_pkgs[@]}" >/dev/null
+    log "installed Debian packages: ${firefox_pkgs[*]}"
+else
+    log "Debian packages for the firefox interop cells present (firefox-esr, certutil)"
+fi
+ff_version="$(/usr/bin/firefox-esr --version 2>/dev/null | grep -oE '[0-9]+' | head -1 || true)"
+if [[ -z "$ff_version" || "$ff_version" -lt 153 ]]; then
+    log "firefox-esr ${ff_version:-?} is older than 153 (no MASQUE proxy support): the firefox cells will fail" >&2
+fi

@@ -30,10 +30,30 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Body of `GET /` on [`HttpsOrigin`] and [`H3Origin`].
 pub const ROOT_BODY: &[u8] = b"cfr-testkit origin: hello\n";
-/// Body of `GET /page.html` on [`HttpsOrigin`] (`text/html`, for browsers, which download rather
+/// Body of `GET /page.html` on [`HttpsOrigin`] and [`H3Origin`] (`text/html`, for browsers, which download rather
 /// than render the octet-stream `/`); it contains [`ROOT_BODY`]'s text.
 pub const PAGE_HTML: &[u8] =
     b"<!DOCTYPE html><html><head><title>cfr-testkit</title></head><body><p id=\"origin\">cfr-testkit origin: hello</p></body></html>\n";
+/// Longest marker accepted by `GET /page/MARKER.html`.
+pub const MAX_PAGE_MARKER: usize = 64;
+
+/// Body of `GET /page/MARKER.html`: [`PAGE_HTML`] plus `<p id="marker">MARKER</p>`, so a browser's
+/// DOM shows that this origin answered this very request (interop/run's Firefox cells put a
+/// per-cell nonce there). MARKER is ASCII letters, digits and `-`, at most [`MAX_PAGE_MARKER`].
+pub fn marker_page_html(marker: &str) -> Option<String> {
+    let valid = !marker.is_empty()
+        && marker.len() <= MAX_PAGE_MARKER
+        && marker
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    valid.then(|| {
+        format!(
+            "<!DOCTYPE html><html><head><title>cfr-testkit</title></head><body>\
+             <p id=\"origin\">cfr-testkit origin: hello</p><p id=\"marker\">{marker}</p></body></html>\n"
+        )
+    })
+}
+
 /// Largest `N` accepted by `GET /bytes/N` (the body is built in memory).
 pub const MAX_BYTES_ROUTE: u64 = 64 * 1024 * 1024;
 /// Pattern seed of `GET /bytes/N` bodies: `pattern_bytes(BYTES_ROUTE_SEED, 0, N)`.
@@ -878,8 +898,9 @@ pub struct SeenRequest {
     pub status: u16,
 }
 
-/// The routes both HTTP origins serve: `GET /` → [`ROOT_BODY`]; `GET /bytes/N` → N bytes of
-/// pattern [`BYTES_ROUTE_SEED`]; anything else 404 (or 405 for non-GET).
+/// The routes both HTTP origins serve: `GET /` → [`ROOT_BODY`]; `GET /page.html` → [`PAGE_HTML`];
+/// `GET /page/MARKER.html` → [`marker_page_html`]; `GET /bytes/N` → N bytes of pattern
+/// [`BYTES_ROUTE_SEED`]; anything else 404 (or 405 for non-GET).
 fn route(method: &http::Method, path: &str) -> (http::StatusCode, Bytes) {
     use http::StatusCode;
     if method != http::Method::GET {
@@ -891,6 +912,15 @@ fn route(method: &http::Method, path: &str) -> (http::StatusCode, Bytes) {
     if path == "/page.html" {
         return (StatusCode::OK, Bytes::from_static(PAGE_HTML));
     }
+    if let Some(marker) = path
+        .strip_prefix("/page/")
+        .and_then(|p| p.strip_suffix(".html"))
+    {
+        return match marker_page_html(marker) {
+            Some(page) => (StatusCode::OK, page.into()),
+            None => (StatusCode::BAD_REQUEST, Bytes::new()),
+        };
+    }
     if let Some(n) = path.strip_prefix("/bytes/") {
         return match n.parse::<u64>() {
             Ok(n) if n <= MAX_BYTES_ROUTE => (
@@ -901,6 +931,15 @@ fn route(method: &http::Method, path: &str) -> (http::StatusCode, Bytes) {
         };
     }
     (StatusCode::NOT_FOUND, Bytes::new())
+}
+
+/// `text/html` for the `.html` routes (browsers render them), octet-stream for the rest.
+fn content_type(path: &str) -> &'static str {
+    if path.ends_with(".html") {
+        "text/html; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    }
 }
 
 /// The accessors [`HttpsOrigin`] and [`H3Origin`] share (both have `addr`, `ca` and `requests`).
@@ -967,7 +1006,7 @@ impl HttpsOrigin {
                     async move {
                         let path = req.uri().path().to_string();
                         let (status, body) = route(req.method(), &path);
-                        let html = path.ends_with(".html");
+                        let content_type = content_type(&path);
                         log.push(SeenRequest {
                             peer,
                             version: req.version(),
@@ -977,14 +1016,7 @@ impl HttpsOrigin {
                         });
                         let resp = http::Response::builder()
                             .status(status)
-                            .header(
-                                http::header::CONTENT_TYPE,
-                                if html {
-                                    "text/html; charset=utf-8"
-                                } else {
-                                    "application/octet-stream"
-                                },
-                            )
+                            .header(http::header::CONTENT_TYPE, content_type)
                             .body(Full::new(body))
                             .unwrap();
                         Ok::<_, std::convert::Infallible>(resp)
@@ -1084,6 +1116,7 @@ async fn serve_h3(incoming: quinn::Incoming, log: Arc<Log<SeenRequest>>) {
 
             let path = req.uri().path().to_string();
             let (status, body) = route(req.method(), &path);
+            let content_type = content_type(&path);
             log.push(SeenRequest {
                 peer,
                 version: http::Version::HTTP_3,
@@ -1093,7 +1126,7 @@ async fn serve_h3(incoming: quinn::Incoming, log: Arc<Log<SeenRequest>>) {
             });
             let resp = http::Response::builder()
                 .status(status)
-                .header(http::header::CONTENT_TYPE, "application/octet-stream")
+                .header(http::header::CONTENT_TYPE, content_type)
                 .body(())
                 .unwrap();
             if stream.send_response(resp).await.is_err() {
@@ -1344,6 +1377,10 @@ mod tests {
                 "/bytes/70000",
                 pattern_bytes(BYTES_ROUTE_SEED, 0, 70_000).into(),
             ),
+            (
+                "/page/n0nce-1.html",
+                marker_page_html("n0nce-1").unwrap().into(),
+            ),
         ] {
             let req = http::Request::get(format!("https://localhost{path}"))
                 .body(())
@@ -1355,6 +1392,12 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert_eq!(resp.status(), 200, "GET {path}");
+            // Browsers render only `text/html`; the octet-stream routes are downloads.
+            let html = resp.headers()[http::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html");
+            assert_eq!(html, path.ends_with(".html"), "GET {path}: content-type");
             let mut body = Vec::new();
             while let Some(mut chunk) = tokio::time::timeout(T, stream.recv_data())
                 .await
@@ -1370,9 +1413,22 @@ mod tests {
             }
             assert!(body == want[..], "GET {path}: body differs");
         }
-        assert_eq!(origin.requests().len(), 2);
+        assert_eq!(origin.requests().len(), 3);
         drive.abort();
         client.close(0u32.into(), b"done");
+    }
+
+    #[test]
+    fn marker_pages_take_only_plain_markers() {
+        let page = marker_page_html("abc-123").unwrap();
+        assert!(page.contains(r#"<p id="marker">abc-123</p>"#), "{page}");
+        for bad in ["", "a<b", "a/b", "a b", &"x".repeat(MAX_PAGE_MARKER + 1)] {
+            assert_eq!(marker_page_html(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            route(&http::Method::GET, "/page/a%3Cb.html").0,
+            http::StatusCode::BAD_REQUEST
+        );
     }
 
     #[tokio::test]
