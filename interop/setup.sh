@@ -10,6 +10,21 @@ stamp="$venv/.requirements.sha256"
 
 log() { printf 'interop/setup.sh: %s\n' "$*"; }
 
+# install_debian_packages PURPOSE PKG...: non-interactive, bounded apt-get update + install.
+install_debian_packages() {
+    local purpose="$1"
+    shift
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "missing $* ($purpose) and no apt-get; install them by hand" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    log "apt-get update to install: $*"
+    timeout 600 apt-get update -qq
+    timeout 1200 apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    log "installed Debian packages: $*"
+}
+
 # --- Debian packages -------------------------------------------------------------------------
 need_pkgs=()
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
@@ -21,15 +36,7 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     need_pkgs+=(python3-venv)
 fi
 if ((${#need_pkgs[@]})); then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        log "missing ${need_pkgs[*]} and no apt-get; install them by hand" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    log "apt-get update (once) to install: ${need_pkgs[*]}"
-    timeout 600 apt-get update -qq
-    timeout 900 apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-    log "installed Debian packages: ${need_pkgs[*]}"
+    install_debian_packages "for the tests" "${need_pkgs[@]}"
 else
     log "Debian packages present (iproute2, nftables, curl, python3-venv)"
 fi
@@ -69,15 +76,7 @@ if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so*
     quiche_pkgs+=(libclang-dev)
 fi
 if ((${#quiche_pkgs[@]})); then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        log "missing ${quiche_pkgs[*]} (for interop/quiche) and no apt-get; install them by hand" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    log "apt-get update (once) to install: ${quiche_pkgs[*]}"
-    timeout 600 apt-get update -qq
-    timeout 900 apt-get install -y -qq --no-install-recommends "${quiche_pkgs[@]}" >/dev/null
-    log "installed Debian packages: ${quiche_pkgs[*]}"
+    install_debian_packages "for interop/quiche" "${quiche_pkgs[@]}"
 else
     log "Debian packages for interop/quiche present (cmake, libclang)"
 fi
@@ -90,15 +89,7 @@ tcp_front_pkgs=()
 [[ -x /usr/bin/chromium ]] || tcp_front_pkgs+=(chromium)
 command -v certutil >/dev/null 2>&1 || tcp_front_pkgs+=(libnss3-tools)
 if ((${#tcp_front_pkgs[@]})); then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        log "missing ${tcp_front_pkgs[*]} (for tcp_front tests) and no apt-get; install them by hand" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    log "apt-get update (once) to install: ${tcp_front_pkgs[*]}"
-    timeout 600 apt-get update -qq
-    timeout 1200 apt-get install -y -qq --no-install-recommends "${tcp_front_pkgs[@]}" >/dev/null
-    log "installed Debian packages: ${tcp_front_pkgs[*]}"
+    install_debian_packages "for tcp_front tests" "${tcp_front_pkgs[@]}"
 else
     log "Debian packages for tcp_front tests present (curl, chromium, certutil)"
 fi
@@ -110,15 +101,7 @@ firefox_pkgs=()
 [[ -x /usr/bin/firefox-esr ]] || firefox_pkgs+=(firefox-esr)
 command -v certutil >/dev/null 2>&1 || firefox_pkgs+=(libnss3-tools)
 if ((${#firefox_pkgs[@]})); then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        log "missing ${firefox_pkgs[*]} (for interop/run's firefox cells) and no apt-get; install them by hand" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    log "apt-get update (once) to install: ${firefox_pkgs[*]}"
-    timeout 600 apt-get update -qq
-    timeout 1200 apt-get install -y -qq --no-install-recommends "${firefox_pkgs[@]}" >/dev/null
-    log "installed Debian packages: ${firefox_pkgs[*]}"
+    install_debian_packages "for interop/run's firefox cells" "${firefox_pkgs[@]}"
 else
     log "Debian packages for the firefox interop cells present (firefox-esr, certutil)"
 fi
