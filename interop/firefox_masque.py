@@ -127,6 +127,12 @@ def parse_args(argv):
     p.add_argument("--h3-origin-port", type=int, help="force HTTP/3 to localhost:PORT (alt-svc mapping prefs)")
     p.add_argument("--timeout", type=float, default=90, help="bound on the whole run, seconds")
     p.add_argument(
+        "--page-load-timeout",
+        type=float,
+        default=30,
+        help="bound on the page load, seconds (a refused tunnel or a 407 leaves Firefox waiting, not at an error page)",
+    )
+    p.add_argument(
         "--third-party-roots-trap",
         action="store_true",
         help="self-check: leave network.http.http3.disable_when_third_party_roots_found at its default "
@@ -321,7 +327,8 @@ def run(args, work):
         m.call("WebDriver:NewSession", {"capabilities": {"alwaysMatch": {"acceptInsecureCerts": False}}})
         started = time.monotonic() - t0
         left_ms = int((deadline - time.monotonic()) * 1000)
-        m.call("WebDriver:SetTimeouts", {"pageLoad": max(1000, left_ms - 10000), "script": 30000})
+        page_load_ms = min(int(args.page_load_timeout * 1000), left_ms - 10000)
+        m.call("WebDriver:SetTimeouts", {"pageLoad": max(1000, page_load_ms), "script": 30000})
         m.call("Marionette:SetContext", {"value": "chrome"})
         origin = args.url.split("/")[2]
         origin_host, origin_port = origin.rsplit(":", 1)
