@@ -209,6 +209,12 @@ impl UdpTunnel {
             .map_err(|_| ClientError::Closed)
     }
 
+    /// Counters of the QUIC connection this tunnel runs on (packets, frames, UDP I/O), for
+    /// measurements; `None` on the TLS/TCP front-end.
+    pub fn quic_stats(&self) -> Option<quinn::ConnectionStats> {
+        self.h3.as_ref().map(|h| h.conn.quic.stats())
+    }
+
     /// Receives one UDP payload (possibly empty). `Err(Closed)` once the relay ended the stream
     /// and everything received was returned.
     pub async fn recv(&self) -> Result<Bytes, ClientError> {

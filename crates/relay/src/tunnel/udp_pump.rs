@@ -231,14 +231,7 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
         let mut meta = [quinn_udp::RecvMeta::default(); RECV_BATCH];
         let mut capsules = BytesMut::new();
         loop {
-            let received = uplink
-                .sock
-                .async_io(tokio::io::Interest::READABLE, || {
-                    uplink
-                        .recv_state
-                        .recv((&uplink.sock).into(), &mut bufs, &mut meta)
-                })
-                .await;
+            let received = recv_batch(uplink, &mut bufs, &mut meta).await;
             let n = match received {
                 Ok(n) => n,
                 //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
@@ -345,6 +338,42 @@ pub async fn relay_udp<R: TunnelRecv, S: TunnelSend>(
     metrics::counter!(m::BYTES, "kind" => "udp", "direction" => "up").increment(stats.bytes_up);
     metrics::counter!(m::BYTES, "kind" => "udp", "direction" => "down").increment(stats.bytes_down);
     stats
+}
+
+/// Reads one batch of datagrams (and GRO trains) from the destination socket, waiting until there
+/// is at least one.
+///
+/// On Linux a batch that did not fill every slot emptied the socket's queue, so the socket's readiness is
+/// cleared with it: the next call waits for the next readiness event instead of spending a
+/// recvmmsg that can only answer EAGAIN. (Clearing is safe against a datagram that arrived in
+/// between: tokio only clears the readiness event it saw before the call, and the edge-triggered
+/// poller reports a later arrival as a new event.)
+async fn recv_batch(
+    uplink: &UdpUplink,
+    bufs: &mut [IoSliceMut<'_>],
+    meta: &mut [quinn_udp::RecvMeta],
+) -> io::Result<usize> {
+    loop {
+        uplink.sock.readable().await?;
+        let mut got = 0;
+        let received = uplink.sock.try_io(tokio::io::Interest::READABLE, || {
+            got = uplink.recv_state.recv((&uplink.sock).into(), bufs, meta)?;
+            // Only recvmmsg (Linux) returns a short batch because the queue ran dry; elsewhere
+            // quinn-udp reads one message per call whatever is queued.
+            let full = bufs.len().min(meta.len()).min(quinn_udp::BATCH_SIZE);
+            if cfg!(any(target_os = "linux", target_os = "android")) && got < full {
+                // Reported as WouldBlock so that try_io clears the readiness; `got` has the batch.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(got)
+        });
+        match received {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => return Ok(got),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Cuts frames for the client out of shared buffers: a burst of datagrams costs one allocation
