@@ -8,8 +8,9 @@
 //! after another on a warm connection instead and prints instructions per tunnel; `h1setup` opens
 //! COUNT HTTP/1.1 CONNECT tunnels through the TLS/TCP front-end, a new TCP+TLS connection each.
 //! `quinn` runs the bench's raw quinn datagram echo server (the udp section's baseline, with the
-//! relay's transport config) as the profiled child instead, on the same echo as `udp`: the two
-//! figures compare instruction for instruction. `udp` and `quinn` also print the client
+//! relay's transport config) as the profiled child instead, on the same echo as `udp` and the same
+//! multi-threaded runtime as `cfr relay`: the two figures compare instruction for instruction.
+//! `quinn1` runs it on one thread with a current-thread runtime, as the cpu section does. `udp` and `quinn` also print the client
 //! connection's QUIC counters per echoed datagram (packets, ACK frames, I/O calls each way).
 //! `callgrind_annotate OUTDIR/callgrind.out.*` shows where they went.
 use std::path::{Path, PathBuf};
@@ -24,10 +25,24 @@ use cfr_bench::udp::{echo_run, Path as EchoPath};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [mode, cert, key] = &args[..] {
-        if mode == SERVE_QUINN {
-            return serve_quinn(cert, key).await;
+    match &args[..] {
+        [mode, cert, key] if mode == SERVE_QUINN => return serve_quinn(cert, key).await,
+        [mode, cert, key, rt] if mode == SERVE_QUINN && rt == CURRENT_THREAD => {
+            // The cpu section's baseline: one thread, a current-thread runtime.
+            let (cert, key) = (cert.clone(), key.clone());
+            let thread = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?
+                    .block_on(serve_quinn(&cert, &key))
+            });
+            return tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|_| "raw quinn thread panicked".to_string())?;
         }
+        _ => {}
     }
     let (bin, workload, count, out, tool) = match &args[..] {
         [b, w, c, o] => (b, w, c, o, Tool::Callgrind),
@@ -37,7 +52,7 @@ async fn main() -> Result<(), String> {
         [b, w, c, o, s] if s == "syscalls" => (b, w, c, o, Tool::Syscalls),
         _ => {
             return Err(
-                "usage: relay_profile CFR_BIN udp|quinn|setup|h1setup COUNT OUTDIR [strace|cpu|perf|syscalls]"
+                "usage: relay_profile CFR_BIN udp|quinn|quinn1|setup|h1setup COUNT OUTDIR [strace|cpu|perf|syscalls]"
                     .into(),
             )
         }
@@ -68,8 +83,8 @@ async fn main() -> Result<(), String> {
         Tool::Callgrind => callgrind_control(flag, pid),
         _ => Ok(()),
     };
-    if workload == "quinn" {
-        let server = QuinnChild::spawn(&wrapper, &env).await?;
+    if workload == "quinn" || workload == "quinn1" {
+        let server = QuinnChild::spawn(&wrapper, &env, workload == "quinn1").await?;
         let (ep, conn) = env::quic_client(&env, server.addr).await?;
         if !env::wait_datagram_room(&conn, cfr_bench::udp::PAYLOAD).await {
             return Err("path MTU never allowed a 1200-byte QUIC datagram".into());
@@ -79,7 +94,7 @@ async fn main() -> Result<(), String> {
         let done = echo_measured(&path, count, server.pid, tool, stats).await?;
         conn.close(0u32.into(), b"done");
         ep.wait_idle().await;
-        return finish(&out, server.pid, "quinn", done, tool, server.child).await;
+        return finish(&out, server.pid, workload, done, tool, server.child).await;
     }
     let relay = RelayProcess::spawn_wrapped(&wrapper, Path::new(bin), &env, |_| {}).await?;
     let client = cfr_client::RelayClient::connect(env::client_config(relay.addr, &env.pki))
@@ -370,6 +385,8 @@ fn process_cpu(pid: u32) -> Option<ProcessCpu> {
 
 /// The child-process mode that serves the raw quinn echo (`relay_profile serve-quinn CERT KEY`).
 const SERVE_QUINN: &str = "serve-quinn";
+/// Its last argument for a current-thread runtime on one thread (as the cpu section runs it).
+const CURRENT_THREAD: &str = "current-thread";
 
 /// The bench's raw quinn server (`env::serve_quic`) with the bench relay's transport config, on
 /// the same multi-threaded runtime as `cfr relay`; prints `{"listen":"ADDR"}` once it listens.
@@ -398,7 +415,11 @@ struct QuinnChild {
 }
 
 impl QuinnChild {
-    async fn spawn(wrapper: &[String], env: &Env) -> Result<QuinnChild, String> {
+    async fn spawn(
+        wrapper: &[String],
+        env: &Env,
+        current_thread: bool,
+    ) -> Result<QuinnChild, String> {
         use tokio::io::AsyncBufReadExt;
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut command = match wrapper.split_first() {
@@ -413,6 +434,7 @@ impl QuinnChild {
             .arg(SERVE_QUINN)
             .arg(&env.pki.server_cert)
             .arg(&env.pki.server_key)
+            .args(current_thread.then_some(CURRENT_THREAD))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
