@@ -422,15 +422,7 @@ impl QuinnChild {
     ) -> Result<QuinnChild, String> {
         use tokio::io::AsyncBufReadExt;
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = tokio::process::Command::new(program);
-                c.args(args).arg(me);
-                c
-            }
-            None => tokio::process::Command::new(me),
-        };
-        let mut child = command
+        let mut child = cfr_bench::scale::wrapped_command(wrapper, &me)
             .arg(SERVE_QUINN)
             .arg(&env.pki.server_cert)
             .arg(&env.pki.server_key)

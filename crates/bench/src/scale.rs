@@ -20,6 +20,19 @@ pub const SECTION: &str = "scale";
 /// Tunnels per client connection in the scale run.
 const PER_CONNECTION: usize = 1000;
 
+/// A command that runs `program` under `wrapper` (a profiler and its arguments), or by itself
+/// when `wrapper` is empty.
+pub fn wrapped_command(wrapper: &[String], program: &Path) -> tokio::process::Command {
+    match wrapper.split_first() {
+        Some((profiler, args)) => {
+            let mut c = tokio::process::Command::new(profiler);
+            c.args(args).arg(program);
+            c
+        }
+        None => tokio::process::Command::new(program),
+    }
+}
+
 /// A relay started as `cfr relay --config FILE --print-ready`, killed on drop.
 pub struct RelayProcess {
     child: tokio::process::Child,
@@ -54,15 +67,7 @@ impl RelayProcess {
         adjust(&mut cfg);
         let file = env.dir.path().join("bench-relay.toml");
         std::fs::write(&file, cfg.to_toml()).map_err(|e| format!("{}: {e}", file.display()))?;
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = tokio::process::Command::new(program);
-                c.args(args).arg(bin);
-                c
-            }
-            None => tokio::process::Command::new(bin),
-        };
-        let mut child = command
+        let mut child = wrapped_command(wrapper, bin)
             .arg("relay")
             .arg("--config")
             .arg(&file)
