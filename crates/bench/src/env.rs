@@ -339,7 +339,11 @@ pub async fn udp_echo(tasks: &Tasks) -> io::Result<SocketAddr> {
                     state.recv((&s).into(), &mut bufs, &mut meta)
                 })
                 .await;
-            let Ok(n) = received else { continue };
+            let Ok(n) = received else {
+                // An ICMP error reported on the socket: not a reason to stop, nor to spin.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            };
             for (buf, m) in bufs.iter().zip(&meta).take(n) {
                 let transmit = quinn_udp::Transmit {
                     destination: m.addr,
