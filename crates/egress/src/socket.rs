@@ -58,15 +58,15 @@ fn new_socket(family_of: IpAddr, proto: Proto) -> io::Result<Socket> {
     } else {
         Domain::IPV4
     };
+    // Non-blocking from socket(2) on (SOCK_NONBLOCK): two fcntl(2) fewer on every tunnel setup.
     let socket = match proto {
-        Proto::Tcp => Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?,
-        Proto::Udp => Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?,
+        Proto::Tcp => Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?,
+        Proto::Udp => Socket::new(domain, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?,
     };
     if family_of.is_ipv6() {
         // One family per socket: an IPv6 egress socket never carries IPv4-mapped traffic.
         socket.set_only_v6(true)?;
     }
-    socket.set_nonblocking(true)?;
     if proto == Proto::Udp {
         //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
         //# UDP proxies MUST NOT introduce fragmentation at the IP layer when forwarding

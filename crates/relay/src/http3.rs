@@ -144,44 +144,15 @@ pub(crate) async fn serve_connection(
             }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
-                    let core = core.clone();
-                    let client = client.clone();
-                    let quic = quic.clone();
-                    let router = router.clone();
-                    tasks.spawn(requests.track_future(async move {
-                        // RFC 9114 §10.5: bound how long a request stream may sit without a
-                        // complete header section (opening stream N implicitly opens all below it).
-                        let header_wait = core.config.handshake_timeout();
-                        let mut resolver = resolver;
-                        let first_frame = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
-                        let Ok(first_frame) = tokio::time::timeout(header_wait, first_frame).await else {
-                            metrics::counter!(m::DROPS, "reason" => "request_header_timeout").increment(1);
-                            abort_incomplete_request(resolver.frame_stream.into_inner());
-                            return;
-                        };
-                        let resolved = match resolver.accept_with_frame(first_frame) {
-                            Ok(request) => request.resolve().await,
-                            Err(e) => Err(e),
-                        };
-                        let (req, stream) = match resolved {
-                            Ok(r) => r,
-                            Err(e) => {
-                                // Malformed request heads (including unknown :protocol values) are
-                                // reset inside h3; the connection and other tunnels carry on.
-                                tracing::debug!(error = %e, "request rejected by HTTP/3 layer");
-                                metrics::counter!(m::TUNNELS, "kind" => "unknown", "outcome" => "http_request_error").increment(1);
-                                return;
-                            }
-                        };
-                        let (head, ()) = req.into_parts();
-                        let protocol = head.extensions.get::<h3::ext::Protocol>().map(|p| p.as_str().to_owned());
-                        if let Some(resp) = crate::pvd::answer(core.pvd.as_ref(), &head.method, protocol.as_deref(), &head.uri, "h3") {
-                            send_whole_response(stream, resp).await;
-                            return;
-                        }
-                        let exchange = H3Exchange { stream, quic, router, route: None };
-                        serve_request(&core, &client, &head, protocol.as_deref(), exchange).await;
-                    }));
+                    // Boxed for the same reason as a TLS/TCP connection's future (tcp_front.rs):
+                    // the request's future is kilobytes, a pointer moves cheaply.
+                    tasks.spawn(requests.track_future(Box::pin(serve_request_stream(
+                        core.clone(),
+                        client.clone(),
+                        quic.clone(),
+                        router.clone(),
+                        resolver,
+                    ))));
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -194,6 +165,72 @@ pub(crate) async fn serve_connection(
         }
     }
     reader.abort();
+}
+
+/// One request stream from its first frame to the end of its tunnel.
+async fn serve_request_stream(
+    core: Arc<Core>,
+    client: Arc<ClientConn>,
+    quic: quinn::Connection,
+    router: Arc<DatagramRouter>,
+    resolver: h3::server::RequestResolver<h3_transport::Connection, Bytes>,
+) {
+    // RFC 9114 §10.5: bound how long a request stream may sit without a
+    // complete header section (opening stream N implicitly opens all below it).
+    let header_wait = core.config.handshake_timeout();
+    let mut resolver = resolver;
+    let first_frame = {
+        let mut next = std::pin::pin!(std::future::poll_fn(|cx| resolver
+            .frame_stream
+            .poll_next(cx)));
+        // The HEADERS frame usually came in the packet that opened the stream: no timer then.
+        match next.as_mut().now_or_never() {
+            Some(frame) => Some(frame),
+            None => tokio::time::timeout(header_wait, next).await.ok(),
+        }
+    };
+    let Some(first_frame) = first_frame else {
+        metrics::counter!(m::DROPS, "reason" => "request_header_timeout").increment(1);
+        abort_incomplete_request(resolver.frame_stream.into_inner());
+        return;
+    };
+    let resolved = match resolver.accept_with_frame(first_frame) {
+        Ok(request) => request.resolve().await,
+        Err(e) => Err(e),
+    };
+    let (req, stream) = match resolved {
+        Ok(r) => r,
+        Err(e) => {
+            // Malformed request heads (including unknown :protocol values) are
+            // reset inside h3; the connection and other tunnels carry on.
+            tracing::debug!(error = %e, "request rejected by HTTP/3 layer");
+            metrics::counter!(m::TUNNELS, "kind" => "unknown", "outcome" => "http_request_error")
+                .increment(1);
+            return;
+        }
+    };
+    let (head, ()) = req.into_parts();
+    let protocol = head
+        .extensions
+        .get::<h3::ext::Protocol>()
+        .map(|p| p.as_str().to_owned());
+    if let Some(resp) = crate::pvd::answer(
+        core.pvd.as_ref(),
+        &head.method,
+        protocol.as_deref(),
+        &head.uri,
+        "h3",
+    ) {
+        send_whole_response(stream, resp).await;
+        return;
+    }
+    let exchange = H3Exchange {
+        stream,
+        quic,
+        router,
+        route: None,
+    };
+    serve_request(&core, &client, &head, protocol.as_deref(), exchange).await;
 }
 
 /// Sends a complete response with its body and ends the stream (the PvD).

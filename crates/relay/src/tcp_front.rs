@@ -77,9 +77,11 @@ impl TcpFront {
             let closed = ctx.closed.clone();
             // When the grace period ends, the connection's tunnels reset themselves (outcome
             // `drained`); the connection gets a moment to send those resets before it is dropped.
+            // Boxed: the connection's future (TLS, HTTP, tunnel, pumps) is kilobytes, and a task's
+            // future is moved several times on its way into the scheduler; a pointer moves cheaply.
             tokio::select! {
                 biased;
-                _ = serve_connection(ctx, acceptor, tcp, peer) => {}
+                _ = Box::pin(serve_connection(ctx, acceptor, tcp, peer)) => {}
                 _ = async {
                     closed.cancelled().await;
                     tokio::time::sleep(crate::server::CLOSE_LINGER).await;

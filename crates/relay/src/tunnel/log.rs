@@ -8,10 +8,12 @@ use super::pump::TunnelStats;
 use super::TunnelKind;
 
 /// A random identifier for one tunnel's log lines. It links nothing: connection-level log lines
-/// never carry it.
+/// never carry it. Drawn from the thread-local CSPRNG (seeded from the OS, reseeded
+/// periodically), not `OsRng`: no getrandom(2) per tunnel for a value that only has to be
+/// unpredictable and unique enough to tell log lines apart.
 pub fn tunnel_id() -> String {
     let mut b = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
     hex::encode(b)
 }
 

@@ -47,15 +47,20 @@ pub async fn relay_tcp<R: TunnelRecv, S: TunnelSend>(
         // A front-end hands over chunks as its transport delivered them: for HTTP/3 about one QUIC
         // packet each. One write syscall per packet costs more than the crypto, so chunks that are
         // already there are coalesced and written when the next one would have to be waited for.
-        let mut out = tokio::io::BufWriter::with_capacity(buf_size, &mut tcp_w);
+        // The coalescing buffer is allocated at the first chunk, not at setup: a tunnel that never
+        // sends (or closes at once) costs no `tcp_buffer_bytes` allocation.
+        let mut pending = BytesMut::new();
         loop {
             let next = rx.recv();
             tokio::pin!(next);
             let received = match futures_util::FutureExt::now_or_never(next.as_mut()) {
                 Some(r) => r,
                 None => {
-                    if !out.buffer().is_empty() && out.flush().await.is_err() {
-                        return Err(TunnelOutcome::TargetReset);
+                    if !pending.is_empty() {
+                        if tcp_w.write_all(&pending).await.is_err() {
+                            return Err(TunnelOutcome::TargetReset);
+                        }
+                        pending.clear();
                     }
                     next.await
                 }
@@ -64,14 +69,32 @@ pub async fn relay_tcp<R: TunnelRecv, S: TunnelSend>(
                 Ok(Some(chunk)) => {
                     activity.touch();
                     up_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    if out.write_all(&chunk).await.is_err() {
+                    if pending.len() + chunk.len() > buf_size && !pending.is_empty() {
+                        if tcp_w.write_all(&pending).await.is_err() {
+                            return Err(TunnelOutcome::TargetReset);
+                        }
+                        pending.clear();
+                    }
+                    let written = if chunk.len() >= buf_size {
+                        tcp_w.write_all(&chunk).await
+                    } else {
+                        if pending.capacity() == 0 {
+                            pending.reserve(buf_size);
+                        }
+                        pending.extend_from_slice(&chunk);
+                        Ok(())
+                    };
+                    if written.is_err() {
                         return Err(TunnelOutcome::TargetReset);
                     }
                 }
                 Ok(None) => {
                     // Half-close: the destination sees FIN (after what is buffered), the other
                     // direction keeps going.
-                    let _ = out.shutdown().await;
+                    if !pending.is_empty() && tcp_w.write_all(&pending).await.is_err() {
+                        return Err(TunnelOutcome::TargetReset);
+                    }
+                    let _ = tcp_w.shutdown().await;
                     return Ok(());
                 }
                 Err(_) => return Err(TunnelOutcome::ClientReset),
