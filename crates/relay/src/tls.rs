@@ -54,8 +54,23 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The ring provider with the server's cipher-suite preference: TLS_AES_128_GCM_SHA256 first.
+///
+/// Clients (rustls, curl/OpenSSL) list TLS_AES_256_GCM_SHA384 first, whose SHA-384 key schedule
+/// has no hardware help on x86-64 while SHA-256 has (SHA-NI), and whose AES-256 takes 14 rounds
+/// per block against 10: on the bench box the relay's CPU per TLS+CONNECT setup drops from
+/// 174–179 µs to 155–163 µs, and every HTTP/3 packet is cheaper to protect. AES-128-GCM is the
+/// suite every TLS 1.3 implementation has (RFC 8446 §9.1).
+fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
+}
+
 /// Server TLS config: TLS 1.3 only (QUIC), ALPN `alpn`, optional client certificates verified
-/// against `client_ca` (offered, not required: the authenticator decides).
+/// against `client_ca` (offered, not required: the authenticator decides). The server's suite
+/// order wins over the client's ([`server_provider`]).
 pub fn server_config(
     cert: &Path,
     key: &Path,
@@ -64,7 +79,7 @@ pub fn server_config(
 ) -> Result<rustls::ServerConfig, TlsError> {
     let certs = load_certs(cert)?;
     let key = load_key(key)?;
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(server_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match client_ca {
@@ -89,6 +104,7 @@ pub fn server_config(
         .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     cfg.max_early_data_size = 0;
+    cfg.ignore_client_order = true;
     Ok(cfg)
 }
 
@@ -213,7 +229,56 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.alpn_protocols, vec![b"h3".to_vec()]);
+        assert!(cfg.ignore_client_order);
+        assert_eq!(
+            cfg.crypto_provider().cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
         let (c, k) = generate_client_cert(dir.path(), "client").unwrap();
         assert!(load_certs(&c).is_ok() && load_key(&k).is_ok());
+    }
+
+    #[test]
+    fn server_picks_aes128_over_a_client_preferring_aes256() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = generate_dev_pki(dir.path(), &[]).unwrap();
+        let server =
+            server_config(&pki.server_cert, &pki.server_key, None, &[b"http/1.1"]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(load_certs(&pki.ca_cert).unwrap().remove(0))
+            .unwrap();
+        // The default client order lists TLS_AES_256_GCM_SHA384 first.
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        assert_eq!(
+            client.crypto_provider().cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        );
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        // In-memory handshake: each side's records straight into the other.
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            s.read_tls(&mut &wire[..]).unwrap();
+            s.process_new_packets().unwrap();
+            wire.clear();
+            s.write_tls(&mut wire).unwrap();
+            c.read_tls(&mut &wire[..]).unwrap();
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!c.is_handshaking(), "handshake did not complete");
+        assert_eq!(
+            c.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
     }
 }
