@@ -301,6 +301,9 @@ fn derive(r: &mut Report) {
         row.ratio.map(|x| x >= 1.2)
     });
     r.versus(peer::SECTION, &cfr_h1, &peer::rate_name("squid https"), 1.5);
+    // CPU per setup: below 1× means cfr spends less than the peer on the same setup.
+    let cfr_cpu = peer::setup_cpu_name("cfr TLS/TCP h1");
+    r.ratio(&cfr_cpu, &peer::setup_cpu_name("vproxy https"));
 
     cpu::derive(r);
     inner::derive(r);

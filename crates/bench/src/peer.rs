@@ -2,16 +2,22 @@
 //! proxy, `https_port`) on the same box, doing the same TCP bulk and setup-rate work through
 //! HTTP/1.1 CONNECT; vproxy in `http` mode and in `https` mode (TLS to the proxy, with the bench's
 //! dev certificate), squid over TLS. Also the cfr relay's own TLS/TCP front-end on the setup-rate
-//! work, which is the like-for-like comparison for a TCP proxy.
+//! work, which is the like-for-like comparison for a TCP proxy: run as a child process like the
+//! peers (`cfr relay`, when the bench runs from the `cfr` binary), so that it gets its own threads
+//! as they do instead of sharing the bench's runtime with the 64 clients, and so that its CPU time
+//! per setup can be read from its own `/proc/PID/stat` next to each peer's — a figure that, unlike
+//! setups/s, barely moves when other processes share the cores.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cpu::cpu_secs;
 use crate::env::{self, Dir, Env};
 use crate::front;
 use crate::report::{percentile, Row};
+use crate::scale::{relay_binary, RelayProcess};
 use crate::setup::rate;
 use crate::tcp::timed_bulk;
 use crate::Plan;
@@ -35,6 +41,11 @@ pub fn cpu_name(peer: &str, dir: Dir) -> String {
 
 pub fn rate_name(who: &str) -> String {
     format!("{who} setups/s, 64 clients, new TCP conn each")
+}
+
+/// The proxy process's CPU time (user + system) per setup during [`rate_name`]'s run.
+pub fn setup_cpu_name(who: &str) -> String {
+    format!("{who} CPU per setup, 64 clients, new TCP conn each")
 }
 
 /// Finds the vproxy binary: `--vproxy`, else [`DEFAULT_VPROXY`] from the current directory or the
@@ -162,6 +173,13 @@ impl PeerProcess {
         PeerProcess::start(cmd, addr, "squid").await
     }
 
+    /// The process's `/proc/PID/stat` (CPU time of all its threads).
+    fn stat(&self) -> Option<PathBuf> {
+        self.child
+            .id()
+            .map(|pid| PathBuf::from(format!("/proc/{pid}/stat")))
+    }
+
     async fn stop(&mut self) {
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
@@ -186,20 +204,7 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
     let tls = front::tls_config(&env.pki.ca_cert, &[FrontVersion::Http11]);
 
     // cfr's own TLS/TCP front-end on the same setup work.
-    let name = rate_name("cfr TLS/TCP h1");
-    match (env.tcp_front, &tls) {
-        (Some(front), Ok(tls)) => {
-            let r = tcp_rate(plan, front, hold, Some(tls.clone()), Some(env::TOKEN)).await;
-            rows.push(rate_row(name, r));
-        }
-        (None, _) => rows.push(Row::unavailable(
-            SECTION,
-            name,
-            "setups/s",
-            "the relay has no TLS/TCP front-end",
-        )),
-        (_, Err(e)) => rows.push(Row::unavailable(SECTION, name, "setups/s", e.clone())),
-    }
+    cfr_rate_rows(env, plan, hold, &tls, rows).await;
 
     let bin = if plan.peer {
         vproxy_binary(plan.vproxy.as_deref())
@@ -236,6 +241,68 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
     peer_rows(plan, "squid https", started, origin, hold, tls.ok(), rows).await;
 }
 
+/// Setups/s (and CPU per setup) through cfr's TLS/TCP front-end: a `cfr relay` child process when
+/// the bench runs from the `cfr` binary (or `--relay-bin`), else the in-process relay.
+async fn cfr_rate_rows(
+    env: &Env,
+    plan: &Plan,
+    hold: SocketAddr,
+    tls: &Result<Arc<rustls::ClientConfig>, String>,
+    rows: &mut Vec<Row>,
+) {
+    let who = "cfr TLS/TCP h1";
+    let tls = match tls {
+        Ok(t) => t.clone(),
+        Err(e) => {
+            rows.push(Row::unavailable(
+                SECTION,
+                rate_name(who),
+                "setups/s",
+                e.clone(),
+            ));
+            return;
+        }
+    };
+    let child = match relay_binary(plan.relay_bin.as_deref()) {
+        Some(bin) => Some(RelayProcess::spawn(&bin, env).await),
+        None => None,
+    };
+    match child {
+        Some(Ok(relay)) => {
+            let stat = PathBuf::from(format!("/proc/{}/stat", relay.pid));
+            let r = tcp_rate(
+                plan,
+                relay.addr,
+                hold,
+                Some(tls),
+                Some(env::TOKEN),
+                Some(&stat),
+            )
+            .await;
+            rate_rows(who, r, "cfr relay child process", rows);
+            relay.stop().await;
+        }
+        Some(Err(e)) => rows.push(Row::unavailable(SECTION, rate_name(who), "setups/s", e)),
+        None => match env.tcp_front {
+            Some(front) => {
+                let r = tcp_rate(plan, front, hold, Some(tls), Some(env::TOKEN), None).await;
+                rate_rows(
+                    who,
+                    r,
+                    "in-process relay, sharing the clients' runtime",
+                    rows,
+                );
+            }
+            None => rows.push(Row::unavailable(
+                SECTION,
+                rate_name(who),
+                "setups/s",
+                "the relay has no TLS/TCP front-end",
+            )),
+        },
+    }
+}
+
 /// Bulk up, bulk down and setups/s through one started peer proxy (or why not), then stops it.
 async fn peer_rows(
     plan: &Plan,
@@ -261,13 +328,10 @@ async fn peer_rows(
             return;
         }
     };
-    let stat = p
-        .child
-        .id()
-        .map(|pid| std::path::PathBuf::from(format!("/proc/{pid}/stat")));
+    let stat = p.stat();
     let peer_cpu = || {
         stat.as_deref()
-            .and_then(crate::cpu::cpu_secs)
+            .and_then(cpu_secs)
             .ok_or_else(|| format!("cannot read the CPU time of {peer}"))
     };
     for dir in [Dir::Up, Dir::Down] {
@@ -306,30 +370,57 @@ async fn peer_rows(
             Err(e) => Row::unavailable(SECTION, cpu_name(peer, dir), "CPU s/GiB", e),
         });
     }
-    let r = tcp_rate(plan, p.addr, hold, tls, None).await;
-    rows.push(rate_row(rate_name(peer), r));
+    let r = tcp_rate(plan, p.addr, hold, tls, None, stat.as_deref()).await;
+    rate_rows(peer, r, &format!("{peer} child process"), rows);
     p.stop().await;
 }
 
-fn rate_row(name: String, r: Result<(f64, Vec<f64>), String>) -> Row {
-    match r {
-        Ok((rate, mut lat)) => {
-            let p99 = percentile(&mut lat, 99.0).unwrap_or(f64::NAN);
-            Row::new(SECTION, name, rate, "setups/s").note(format!("p99 {p99:.0} µs"))
+/// One setup-rate run: setups/s, the latency samples (µs), and the proxy process's CPU µs per
+/// setup when its `/proc/PID/stat` was given.
+struct RateRun {
+    rate: f64,
+    latencies: Vec<f64>,
+    cpu_per_setup: Option<Result<f64, String>>,
+}
+
+/// The setups/s row (p99 latency in the note) and, when measured, the CPU per setup row.
+fn rate_rows(who: &str, r: Result<RateRun, String>, process: &str, rows: &mut Vec<Row>) {
+    let name = rate_name(who);
+    let run = match r {
+        Ok(run) => run,
+        Err(e) => {
+            rows.push(Row::unavailable(SECTION, name, "setups/s", e));
+            return;
         }
-        Err(e) => Row::unavailable(SECTION, name, "setups/s", e),
+    };
+    let mut lat = run.latencies;
+    let p99 = percentile(&mut lat, 99.0).unwrap_or(f64::NAN);
+    rows.push(
+        Row::new(SECTION, name, run.rate, "setups/s").note(format!("p99 {p99:.0} µs; {process}")),
+    );
+    let cpu = setup_cpu_name(who);
+    match run.cpu_per_setup {
+        Some(Ok(us)) => rows.push(
+            Row::new(SECTION, cpu, us, "µs CPU").note(format!("{process}, its /proc/PID/stat")),
+        ),
+        Some(Err(e)) => rows.push(Row::unavailable(SECTION, cpu, "µs CPU", e)),
+        None => {}
     }
 }
 
-/// 64 workers, each looping: new TCP connection (+ TLS), CONNECT, 200, close.
+/// 64 workers, each looping: new TCP connection (+ TLS), CONNECT, 200, close; with the CPU time
+/// the process whose `/proc/PID/stat` is `stat` spent meanwhile, per setup.
 async fn tcp_rate(
     plan: &Plan,
     proxy: SocketAddr,
     origin: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<&'static str>,
-) -> Result<(f64, Vec<f64>), String> {
-    rate(plan.rate_clients, plan.rate_time, move |_| {
+    stat: Option<&Path>,
+) -> Result<RateRun, String> {
+    let cpu = || stat.map(|p| cpu_secs(p).ok_or_else(|| format!("cannot read {}", p.display())));
+    let before = cpu();
+    let (rate, latencies) = rate(plan.rate_clients, plan.rate_time, move |_| {
         let tls = tls.clone();
         async move {
             match tls {
@@ -351,5 +442,17 @@ async fn tcp_rate(
             Ok(())
         }
     })
-    .await
+    .await?;
+    let cpu_per_setup = match (before, cpu()) {
+        (Some(b), Some(a)) => Some(b.and_then(|b| {
+            let setups = latencies.len().max(1) as f64;
+            Ok((a? - b) / setups * 1e6)
+        })),
+        _ => None,
+    };
+    Ok(RateRun {
+        rate,
+        latencies,
+        cpu_per_setup,
+    })
 }
