@@ -41,17 +41,70 @@ struct H3TcpStream {
     recv: RecvHalf,
     leftover: Bytes,
     read_done: bool,
-    tx: PollSender<Bytes>,
-    /// Why the write pump stopped (kind and message), for every later write.
-    write_error: Arc<Mutex<Option<(io::ErrorKind, String)>>>,
-    /// Resolves when the writer has sent FIN (after `tx` was closed by `poll_shutdown`).
-    finished: Option<oneshot::Receiver<io::Result<()>>>,
+    writer: Writer,
     shut: bool,
-    /// Dropped → the writer resets the stream unless it already finished.
-    _abort: oneshot::Sender<()>,
     /// Keeps the QUIC connection (and its HTTP/3 driver) alive while the tunnel is open, even after
     /// the client replaced it: dropping the last h3 `SendRequest` closes the whole connection.
     _conn: Arc<crate::client::Conn>,
+}
+
+/// The send side of a tunnel. The write pump task is started by the first write or shutdown,
+/// not at setup: a tunnel costs no task, channel or wakeup before it sends anything, and one
+/// dropped unused is reset right here.
+// Not boxed: every tunnel starts `Idle`, so a box would be one more allocation per setup.
+#[allow(clippy::large_enum_variant)]
+enum Writer {
+    /// Nothing written yet. `None` only while the pump is being started.
+    Idle(Option<SendHalf>),
+    Pumping(WritePump),
+}
+
+/// The handle of a running [`write_pump`].
+struct WritePump {
+    tx: PollSender<Bytes>,
+    /// Why the write pump stopped (kind and message), for every later write.
+    error: Arc<Mutex<Option<(io::ErrorKind, String)>>>,
+    /// Resolves when the writer has sent FIN (after `tx` was closed by `poll_shutdown`).
+    finished: Option<oneshot::Receiver<io::Result<()>>>,
+    /// Dropped → the writer resets the stream unless it already finished.
+    _abort: oneshot::Sender<()>,
+}
+
+impl WritePump {
+    fn start(send: SendHalf) -> Self {
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let (abort_tx, abort_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let error = Arc::new(Mutex::new(None));
+        tokio::spawn(write_pump(send, rx, abort_rx, done_tx, error.clone()));
+        WritePump {
+            tx: PollSender::new(tx),
+            error,
+            finished: Some(done_rx),
+            _abort: abort_tx,
+        }
+    }
+
+    fn error(&self) -> io::Error {
+        match self.error.lock().unwrap().as_ref() {
+            Some((kind, why)) => io::Error::new(*kind, format!("tunnel send side closed: {why}")),
+            None => io::Error::new(io::ErrorKind::BrokenPipe, "tunnel send side closed"),
+        }
+    }
+}
+
+impl Writer {
+    /// The running pump, started now if nothing was written before.
+    fn pump(&mut self) -> &mut WritePump {
+        if let Writer::Idle(send) = self {
+            let send = send.take().expect("an idle writer holds the send half");
+            *self = Writer::Pumping(WritePump::start(send));
+        }
+        match self {
+            Writer::Pumping(p) => p,
+            Writer::Idle(_) => unreachable!("started above"),
+        }
+    }
 }
 
 impl TcpTunnel {
@@ -90,28 +143,13 @@ impl TcpTunnel {
 impl H3TcpStream {
     fn new(stream: H3Stream, conn: Arc<crate::client::Conn>) -> Self {
         let (send, recv) = stream.split();
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let (abort_tx, abort_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        let write_error = Arc::new(Mutex::new(None));
-        tokio::spawn(write_pump(send, rx, abort_rx, done_tx, write_error.clone()));
         H3TcpStream {
             recv,
             leftover: Bytes::new(),
             read_done: false,
-            tx: PollSender::new(tx),
-            write_error,
-            finished: Some(done_rx),
+            writer: Writer::Idle(Some(send)),
             shut: false,
-            _abort: abort_tx,
             _conn: conn,
-        }
-    }
-
-    fn write_err(&self) -> io::Error {
-        match self.write_error.lock().unwrap().as_ref() {
-            Some((kind, why)) => io::Error::new(*kind, format!("tunnel send side closed: {why}")),
-            None => io::Error::new(io::ErrorKind::BrokenPipe, "tunnel send side closed"),
         }
     }
 }
@@ -238,16 +276,17 @@ impl AsyncWrite for H3TcpStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if ready!(this.tx.poll_reserve(cx)).is_err() {
-            return Poll::Ready(Err(this.write_err()));
+        let pump = this.writer.pump();
+        if ready!(pump.tx.poll_reserve(cx)).is_err() {
+            return Poll::Ready(Err(pump.error()));
         }
         let n = buf.len().min(MAX_CHUNK);
-        if this
+        if pump
             .tx
             .send_item(Bytes::copy_from_slice(&buf[..n]))
             .is_err()
         {
-            return Poll::Ready(Err(this.write_err()));
+            return Poll::Ready(Err(pump.error()));
         }
         Poll::Ready(Ok(n))
     }
@@ -260,17 +299,18 @@ impl AsyncWrite for H3TcpStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let pump = this.writer.pump();
         if !this.shut {
             this.shut = true;
             // Closing the queue tells the pump to send FIN once the queued data is out.
-            this.tx.close();
+            pump.tx.close();
         }
-        match this.finished.as_mut() {
+        match pump.finished.as_mut() {
             None => Poll::Ready(Ok(())),
             Some(rx) => {
                 let r = ready!(Pin::new(rx).poll(cx));
-                this.finished = None;
-                Poll::Ready(r.unwrap_or_else(|_| Err(this.write_err())))
+                pump.finished = None;
+                Poll::Ready(r.unwrap_or_else(|_| Err(pump.error())))
             }
         }
     }
@@ -278,10 +318,14 @@ impl AsyncWrite for H3TcpStream {
 
 impl Drop for H3TcpStream {
     fn drop(&mut self) {
-        // The write pump resets the send side (H3_CONNECT_ERROR) when `_abort` drops. The receive
-        // half is not stopped explicitly: h3 0.0.8 reads ahead, so h3-quinn 0.0.10 may hold the
-        // QUIC stream inside a pending read, where its stop_sending panics. Dropping the half
-        // drops the quinn RecvStream, which sends STOP_SENDING itself for an unfinished stream.
+        // A running write pump resets the send side (H3_CONNECT_ERROR) when its `_abort` drops;
+        // an idle writer is reset here. The receive half is not stopped explicitly: h3 0.0.8
+        // reads ahead, so h3-quinn 0.0.10 may hold the QUIC stream inside a pending read, where
+        // its stop_sending panics. Dropping the half drops the quinn RecvStream, which sends
+        // STOP_SENDING itself for an unfinished stream.
+        if let Writer::Idle(Some(send)) = &mut self.writer {
+            send.stop_stream(Code::H3_CONNECT_ERROR);
+        }
     }
 }
 

@@ -489,6 +489,24 @@ async fn client_reset_aborts_the_destination_connection() {
 }
 
 #[tokio::test]
+async fn dropping_a_tunnel_that_never_wrote_aborts_the_destination_connection() {
+    // The client starts its write pump only at the first write: an unused tunnel is reset by the
+    // drop itself.
+    let dest = TcpEndWatch::start(lo()).await;
+    let relay = TestRelay::start().await;
+    let client = relay.client().await;
+    let tunnel = client.connect_tcp(&target(dest.addr())).await.unwrap();
+    drop(tunnel);
+    let (outcome, data) = dest.end(LIMIT).await;
+    assert!(data.is_empty(), "nothing was written, got {data:?}");
+    assert_eq!(
+        outcome,
+        PeerEnd::Reset,
+        "dropping an unused tunnel must abort the TCP connection with RST, not FIN"
+    );
+}
+
+#[tokio::test]
 async fn tunnel_limits_answer_503_and_free_up() {
     let echo = TcpEcho::start(lo()).await;
     let relay = TestRelay::start_with(|c| c.limits.tunnels_per_connection = 2).await;
