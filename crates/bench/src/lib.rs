@@ -302,7 +302,11 @@ fn derive(r: &mut Report) {
     });
     r.versus(peer::SECTION, &cfr_h1, &peer::rate_name("squid https"), 1.5);
     // CPU per setup: below 1× means cfr spends less than the peer on the same setup.
-    let cfr_cpu = peer::setup_cpu_name("cfr TLS/TCP h1");
+    r.ratio(
+        &peer::rate_name(peer::CFR_PROCESS),
+        &peer::rate_name("vproxy https"),
+    );
+    let cfr_cpu = peer::setup_cpu_name(peer::CFR_PROCESS);
     r.ratio(&cfr_cpu, &peer::setup_cpu_name("vproxy https"));
 
     cpu::derive(r);

@@ -2,11 +2,11 @@
 //! proxy, `https_port`) on the same box, doing the same TCP bulk and setup-rate work through
 //! HTTP/1.1 CONNECT; vproxy in `http` mode and in `https` mode (TLS to the proxy, with the bench's
 //! dev certificate), squid over TLS. Also the cfr relay's own TLS/TCP front-end on the setup-rate
-//! work, which is the like-for-like comparison for a TCP proxy: run as a child process like the
-//! peers (`cfr relay`, when the bench runs from the `cfr` binary), so that it gets its own threads
-//! as they do instead of sharing the bench's runtime with the 64 clients, and so that its CPU time
-//! per setup can be read from its own `/proc/PID/stat` next to each peer's — a figure that, unlike
-//! setups/s, barely moves when other processes share the cores.
+//! work, which is the like-for-like comparison for a TCP proxy: once in-process (sharing the
+//! bench's runtime with the 64 clients) and once as a `cfr relay` child process like the peers, so
+//! that it has threads of its own as they do and its CPU time per setup can be read from its own
+//! `/proc/PID/stat` next to each peer's — a figure that, unlike setups/s, barely moves when other
+//! processes share the cores.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -241,8 +241,12 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
     peer_rows(plan, "squid https", started, origin, hold, tls.ok(), rows).await;
 }
 
-/// Setups/s (and CPU per setup) through cfr's TLS/TCP front-end: a `cfr relay` child process when
-/// the bench runs from the `cfr` binary (or `--relay-bin`), else the in-process relay.
+/// The row of cfr's TLS/TCP front-end run as a `cfr relay` child process, like the peers.
+pub const CFR_PROCESS: &str = "cfr TLS/TCP h1 (relay process)";
+
+/// Setups/s through cfr's TLS/TCP front-end: against the bench's in-process relay (the row the
+/// issue's target is on), and against a `cfr relay` child process, as the peers run, with its CPU
+/// per setup (only when the bench runs from the `cfr` binary or `--relay-bin` names one).
 async fn cfr_rate_rows(
     env: &Env,
     plan: &Plan,
@@ -254,52 +258,48 @@ async fn cfr_rate_rows(
     let tls = match tls {
         Ok(t) => t.clone(),
         Err(e) => {
-            rows.push(Row::unavailable(
-                SECTION,
-                rate_name(who),
-                "setups/s",
-                e.clone(),
-            ));
+            for name in [rate_name(who), rate_name(CFR_PROCESS)] {
+                rows.push(Row::unavailable(SECTION, name, "setups/s", e.clone()));
+            }
             return;
         }
     };
-    let child = match relay_binary(plan.relay_bin.as_deref()) {
-        Some(bin) => Some(RelayProcess::spawn(&bin, env).await),
-        None => None,
+    match env.tcp_front {
+        Some(front) => {
+            let r = tcp_rate(plan, front, hold, Some(tls.clone()), Some(env::TOKEN), None).await;
+            let note = "in-process relay, sharing the clients' runtime";
+            rate_rows(who, r, note, rows);
+        }
+        None => rows.push(Row::unavailable(
+            SECTION,
+            rate_name(who),
+            "setups/s",
+            "the relay has no TLS/TCP front-end",
+        )),
+    }
+    let Some(bin) = relay_binary(plan.relay_bin.as_deref()) else {
+        rows.push(Row::unavailable(
+            SECTION,
+            rate_name(CFR_PROCESS),
+            "setups/s",
+            "needs the cfr binary to run the relay as a child (--relay-bin)",
+        ));
+        return;
     };
-    match child {
-        Some(Ok(relay)) => {
+    match RelayProcess::spawn(&bin, env).await {
+        Ok(relay) => {
             let stat = PathBuf::from(format!("/proc/{}/stat", relay.pid));
-            let r = tcp_rate(
-                plan,
-                relay.addr,
-                hold,
-                Some(tls),
-                Some(env::TOKEN),
-                Some(&stat),
-            )
-            .await;
-            rate_rows(who, r, "cfr relay child process", rows);
+            let (proxy, token) = (relay.addr, Some(env::TOKEN));
+            let r = tcp_rate(plan, proxy, hold, Some(tls), token, Some(&stat)).await;
+            rate_rows(CFR_PROCESS, r, "cfr relay child process", rows);
             relay.stop().await;
         }
-        Some(Err(e)) => rows.push(Row::unavailable(SECTION, rate_name(who), "setups/s", e)),
-        None => match env.tcp_front {
-            Some(front) => {
-                let r = tcp_rate(plan, front, hold, Some(tls), Some(env::TOKEN), None).await;
-                rate_rows(
-                    who,
-                    r,
-                    "in-process relay, sharing the clients' runtime",
-                    rows,
-                );
-            }
-            None => rows.push(Row::unavailable(
-                SECTION,
-                rate_name(who),
-                "setups/s",
-                "the relay has no TLS/TCP front-end",
-            )),
-        },
+        Err(e) => rows.push(Row::unavailable(
+            SECTION,
+            rate_name(CFR_PROCESS),
+            "setups/s",
+            e,
+        )),
     }
 }
 
