@@ -122,12 +122,10 @@ impl<B: Buf> quic::OpenStreams<B> for OpenStreams {
         cx: &mut Context<'_>,
     ) -> Poll<Result<BidiStream<B>, StreamErrorIncoming>> {
         let quic = &self.quic;
-        let opening = self.opening_bidi.get_or_insert_with(|| {
+        let opened = ready!(poll_once(&mut self.opening_bidi, cx, || {
             let quic = quic.clone();
             Box::pin(async move { quic.open_bi().await })
-        });
-        let opened = ready!(opening.as_mut().poll(cx));
-        self.opening_bidi = None;
+        }));
         Poll::Ready(opened.map(BidiStream::new).map_err(stream_connection_error))
     }
 
@@ -136,12 +134,10 @@ impl<B: Buf> quic::OpenStreams<B> for OpenStreams {
         cx: &mut Context<'_>,
     ) -> Poll<Result<SendStream<B>, StreamErrorIncoming>> {
         let quic = &self.quic;
-        let opening = self.opening_uni.get_or_insert_with(|| {
+        let opened = ready!(poll_once(&mut self.opening_uni, cx, || {
             let quic = quic.clone();
             Box::pin(async move { quic.open_uni().await })
-        });
-        let opened = ready!(opening.as_mut().poll(cx));
-        self.opening_uni = None;
+        }));
         Poll::Ready(opened.map(SendStream::new).map_err(stream_connection_error))
     }
 
@@ -151,6 +147,18 @@ impl<B: Buf> quic::OpenStreams<B> for OpenStreams {
             reason,
         );
     }
+}
+
+/// Polls the operation in `slot`, starting it first if none is under way; a finished operation
+/// leaves the slot empty, so the next call starts a new one.
+fn poll_once<T>(
+    slot: &mut Option<Pending<T>>,
+    cx: &mut Context<'_>,
+    start: impl FnOnce() -> Pending<T>,
+) -> Poll<Result<T, quinn::ConnectionError>> {
+    let done = ready!(slot.get_or_insert_with(start).as_mut().poll(cx));
+    *slot = None;
+    Poll::Ready(done)
 }
 
 impl Clone for OpenStreams {
