@@ -76,6 +76,7 @@ fn apply(args: &BalancerArgs) -> Result<ExitCode, String> {
     if !status.success() {
         return Err(format!("nft -f rejected the ruleset ({status})"));
     }
+    let removed = remove_stale_rules(&routes)?;
     for cmd in &routes {
         // `ip rule add` is not idempotent: remove earlier copies of the same rule first.
         if cmd.get(1).map(String::as_str) == Some("rule") {
@@ -97,11 +98,55 @@ fn apply(args: &BalancerArgs) -> Result<ExitCode, String> {
         }
     }
     eprintln!(
-        "cfr fleet: balancer ruleset loaded (table inet {}), {} policy-routing command(s)",
+        "cfr fleet: balancer ruleset loaded (table inet {}), {} policy-routing command(s), {} stale rule(s) removed",
         nft::TABLE,
-        routes.len()
+        routes.len(),
+        removed
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes the policy-routing rules (and flushes the routing tables) of members an earlier `apply`
+/// routed to another host but this file no longer does: a member deleted from the file, moved to
+/// this host, or a host renumbered. Returns how many rules went.
+fn remove_stale_rules(routes: &[Vec<String>]) -> Result<usize, String> {
+    let mut removed = 0;
+    for family in ["-4", "-6"] {
+        let priority = nft::RULE_PRIORITY.to_string();
+        let out = Command::new("ip")
+            .args(["-j", family, "rule", "show", "priority", &priority])
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`ip -j {family} rule show` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let installed = nft::installed_rule_marks(&String::from_utf8_lossy(&out.stdout))?;
+        let wanted = nft::wanted_rule_marks(routes, family);
+        for m in installed.iter().filter(|m| !wanted.contains(m)) {
+            let m = m.to_string();
+            let del = [
+                family, "rule", "del", "fwmark", &m, "lookup", &m, "priority", &priority,
+            ];
+            let status = Command::new("ip")
+                .args(del)
+                .status()
+                .map_err(|e| format!("cannot run ip: {e}"))?;
+            if !status.success() {
+                return Err(format!("`ip {}` failed ({status})", del.join(" ")));
+            }
+            // The table may already be empty; only the rule decides where packets go.
+            let _ = Command::new("ip")
+                .args([family, "route", "flush", "table", &m])
+                .stderr(Stdio::null())
+                .status();
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Whether `file` is a fleet file rather than a relay config (`cfr check-config` takes both).

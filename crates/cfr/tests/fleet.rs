@@ -1213,3 +1213,71 @@ fn every_member_serves_the_same_pvd_and_cfr_client_discovers_the_service() {
         "the tunnel left from {source}, outside every member's egress share"
     );
 }
+
+/// `cfr fleet apply` on a host whose fleet file dropped a member on another host removes that
+/// member's policy-routing rule (and nobody else's), instead of leaving it to steer packets.
+#[test]
+fn apply_removes_the_rules_of_members_no_longer_in_the_file() {
+    let ns = NetNs::create();
+    // The other hosts (10.2.0.2, 10.2.0.3) are on a link of this host.
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns.ip(&["addr", "add", "10.2.0.1/24", "dev", "d0"]);
+    ns.ip(&["link", "set", "d0", "up"]);
+    ns.ip(&["link", "set", "d1", "up"]);
+    // An operator's own rule at the same priority, with a mark outside the fleet's range.
+    ns.ip(&[
+        "-4", "rule", "add", "fwmark", "7", "lookup", "7", "priority", "3300",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("fleet.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let fleet = |remote: &[u32]| {
+        let mut t = format!(
+            "[fleet]\nservice = [\"{SERVICE}\"]\nsecret_file = \"{}\"\n\
+             [fleet.hosts]\nh2 = \"10.2.0.2\"\nh3 = \"10.2.0.3\"\n\
+             [fleet.quic_lb]\nserver_id_len = 1\nnonce_len = 8\n\
+             [[fleet.egress]]\nprefix = \"{EGRESS_PREFIX}\"\ninstance_prefix_len = 68\n\
+             [[fleet.instance]]\nid = 1\nlisten = \"{SERVICE}\"\n",
+            secret.display()
+        );
+        for id in remote {
+            // One member per other host: each listens on the service address itself.
+            t += &format!(
+                "[[fleet.instance]]\nid = {id}\nlisten = \"{SERVICE}\"\nhost = \"h{id}\"\n"
+            );
+        }
+        let file = dir.path().join("fleet.toml");
+        std::fs::write(&file, t).unwrap();
+        file
+    };
+    let rules = || in_ns(&ns, &["ip", "-4", "rule", "show", "priority", "3300"]);
+    let fleet_mark = |id: u32| format!("fwmark {:#x} ", 0x0cf0_0000 + id);
+
+    apply(&ns.name, &fleet(&[2, 3]), &[]);
+    let before = rules();
+    assert!(
+        before.contains(&fleet_mark(2)) && before.contains(&fleet_mark(3)),
+        "{before}"
+    );
+    // Applying the same file again changes nothing (no duplicates either).
+    apply(&ns.name, &fleet(&[2, 3]), &[]);
+    assert_eq!(rules(), before);
+
+    apply(&ns.name, &fleet(&[2]), &[]);
+    let after = rules();
+    assert!(after.contains(&fleet_mark(2)), "{after}");
+    assert!(
+        !after.contains(&fleet_mark(3)),
+        "member 3 left the file: its rule must go\n{after}"
+    );
+    assert!(
+        after.contains("fwmark 0x7 "),
+        "the operator's own rule stays\n{after}"
+    );
+    let table3 = (0x0cf0_0000u32 + 3).to_string();
+    let routes = in_ns(&ns, &["ip", "-4", "route", "show", "table", &table3]);
+    assert!(
+        routes.trim().is_empty(),
+        "member 3's table is flushed: {routes}"
+    );
+}

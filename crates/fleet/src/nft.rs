@@ -311,6 +311,40 @@ pub fn routes(cfg: &FleetConfig, opts: &Options) -> Vec<Vec<String>> {
     cmds
 }
 
+/// The fleet marks of the policy-routing rules in `ip -j rule show priority RULE_PRIORITY`
+/// output (one family). Rules at that priority with another mark are the operator's, not ours.
+pub fn installed_rule_marks(ip_json: &str) -> Result<Vec<u32>, String> {
+    #[derive(serde::Deserialize)]
+    struct Rule {
+        priority: Option<u32>,
+        fwmark: Option<String>,
+    }
+    if ip_json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let rules: Vec<Rule> = serde_json::from_str(ip_json)
+        .map_err(|e| format!("unexpected `ip -j rule` output: {e}"))?;
+    Ok(rules
+        .into_iter()
+        .filter(|r| r.priority == Some(RULE_PRIORITY))
+        .filter_map(|r| {
+            let hex = r.fwmark?;
+            u32::from_str_radix(hex.trim_start_matches("0x"), 16).ok()
+        })
+        .filter(|m| (MARK_BASE..=MARK_BASE + MAX_MARKED_ID).contains(m))
+        .collect())
+}
+
+/// The marks whose rules `routes` would install for `family` (`-4` or `-6`).
+pub fn wanted_rule_marks(routes: &[Vec<String>], family: &str) -> Vec<u32> {
+    routes
+        .iter()
+        .filter(|c| c.first().map(String::as_str) == Some(family))
+        .filter(|c| c.get(1).map(String::as_str) == Some("rule"))
+        .filter_map(|c| c.get(4).and_then(|m| m.parse().ok()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,5 +546,28 @@ host = "b"
             .args(["netns", "del", &ns])
             .status();
         assert!(failures.is_empty(), "nft -c rejected: {failures:#?}");
+    }
+
+    #[test]
+    fn installed_rule_marks_keeps_only_fleet_marks_at_our_priority() {
+        let json = r#"[{"priority":3300,"src":"all","fwmark":"0xcf00001","table":"217055233"},
+            {"priority":3300,"src":"all","fwmark":"0x1","table":"100"},
+            {"priority":3300,"src":"all","table":"main"},
+            {"priority":3301,"src":"all","fwmark":"0xcf00002","table":"217055234"}]"#;
+        assert_eq!(installed_rule_marks(json).unwrap(), vec![mark(1)]);
+        assert_eq!(installed_rule_marks("").unwrap(), Vec::<u32>::new());
+        assert!(installed_rule_marks("not json").is_err());
+    }
+
+    #[test]
+    fn wanted_rule_marks_are_the_rules_routes_installs() {
+        let f = FleetConfig::from_toml(MULTI_HOST).unwrap();
+        let on_a = Options {
+            this_host: Some("a".into()),
+            ..Options::default()
+        };
+        let cmds = routes(&f, &on_a);
+        assert_eq!(wanted_rule_marks(&cmds, "-4"), vec![mark(17)]);
+        assert_eq!(wanted_rule_marks(&cmds, "-6"), Vec::<u32>::new());
     }
 }
