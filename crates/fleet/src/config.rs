@@ -123,7 +123,7 @@ pub enum FleetError {
     Invalid { key: String, message: String },
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> FleetError {
+pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> FleetError {
     FleetError::Invalid {
         key: key.into(),
         message: message.into(),

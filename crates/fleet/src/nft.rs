@@ -27,6 +27,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::config::invalid;
 use crate::{FleetConfig, FleetError, Instance};
 
 /// Packet mark (and policy-routing table) of member `id` is `MARK_BASE + id`.
@@ -50,13 +51,6 @@ pub struct Options {
 /// Packet mark of member `id`.
 pub fn mark(id: u32) -> u32 {
     MARK_BASE + id
-}
-
-fn invalid(key: &str, message: String) -> FleetError {
-    FleetError::Invalid {
-        key: key.to_owned(),
-        message,
-    }
 }
 
 fn is_local(inst: &Instance, opts: &Options) -> bool {
@@ -130,7 +124,7 @@ pub fn ruleset(cfg: &FleetConfig, opts: &Options) -> Result<String, FleetError> 
     if active.is_empty() {
         return Err(invalid(
             "--drain",
-            "every instance would be draining: nobody would take new connections".into(),
+            "every instance would be draining: nobody would take new connections",
         ));
     }
     let sid_bits = 8 * u32::from(lb.server_id_len);
