@@ -33,15 +33,23 @@ pub fn quinn_row(path: &str) -> String {
 /// `/proc` reports CPU time in USER_HZ ticks, which Linux fixes at 100 per second for userspace.
 const USER_HZ: f64 = 100.0;
 
+/// The `stat` file of process `pid` (CPU time of all its threads).
+pub fn process_stat(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/stat"))
+}
+
 /// User + system CPU seconds of the task whose `stat` file is `stat`.
-pub fn cpu_secs(stat: &Path) -> Option<f64> {
-    let s = std::fs::read_to_string(stat).ok()?;
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let rest = &s[s.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace().skip(11);
-    let user: u64 = f.next()?.parse().ok()?;
-    let system: u64 = f.next()?.parse().ok()?;
-    Some((user + system) as f64 / USER_HZ)
+pub fn cpu_secs(stat: &Path) -> Result<f64, String> {
+    let parse = || -> Option<f64> {
+        let s = std::fs::read_to_string(stat).ok()?;
+        // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+        let rest = &s[s.rfind(')')? + 1..];
+        let mut f = rest.split_whitespace().skip(11);
+        let user: u64 = f.next()?.parse().ok()?;
+        let system: u64 = f.next()?.parse().ok()?;
+        Some((user + system) as f64 / USER_HZ)
+    };
+    parse().ok_or_else(|| format!("cannot read {}", stat.display()))
 }
 
 /// A raw quinn server on its own thread and runtime, stopped on drop.
@@ -96,7 +104,7 @@ impl QuinnThread {
     }
 
     fn cpu(&self) -> Result<f64, String> {
-        cpu_secs(&self.stat).ok_or_else(|| format!("cannot read {}", self.stat.display()))
+        cpu_secs(&self.stat)
     }
 }
 
@@ -155,8 +163,8 @@ pub async fn run(env: &Env, plan: &Plan, rows: &mut Vec<Row>) {
             return;
         }
     };
-    let stat = PathBuf::from(format!("/proc/{}/stat", relay.pid));
-    let relay_cpu = || cpu_secs(&stat).ok_or_else(|| format!("cannot read {}", stat.display()));
+    let stat = process_stat(relay.pid);
+    let relay_cpu = || cpu_secs(&stat);
     let note = "relay child process, its own /proc/PID/stat";
     let bytes = plan.bytes;
 

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cpu::cpu_secs;
+use crate::cpu::{cpu_secs, process_stat};
 use crate::env::{self, Dir, Env};
 use crate::front;
 use crate::report::{percentile, Row};
@@ -175,9 +175,7 @@ impl PeerProcess {
 
     /// The process's `/proc/PID/stat` (CPU time of all its threads).
     fn stat(&self) -> Option<PathBuf> {
-        self.child
-            .id()
-            .map(|pid| PathBuf::from(format!("/proc/{pid}/stat")))
+        self.child.id().map(process_stat)
     }
 
     async fn stop(&mut self) {
@@ -288,7 +286,7 @@ async fn cfr_rate_rows(
     };
     match RelayProcess::spawn(&bin, env).await {
         Ok(relay) => {
-            let stat = PathBuf::from(format!("/proc/{}/stat", relay.pid));
+            let stat = process_stat(relay.pid);
             let (proxy, token) = (relay.addr, Some(env::TOKEN));
             let r = tcp_rate(plan, proxy, hold, Some(tls), token, Some(&stat)).await;
             rate_rows(CFR_PROCESS, r, "cfr relay child process", rows);
@@ -329,10 +327,9 @@ async fn peer_rows(
         }
     };
     let stat = p.stat();
-    let peer_cpu = || {
-        stat.as_deref()
-            .and_then(cpu_secs)
-            .ok_or_else(|| format!("cannot read the CPU time of {peer}"))
+    let peer_cpu = || match stat.as_deref() {
+        Some(stat) => cpu_secs(stat),
+        None => Err(format!("{peer} has exited: no CPU time to read")),
     };
     for dir in [Dir::Up, Dir::Down] {
         let proxy = p.addr;
@@ -418,7 +415,7 @@ async fn tcp_rate(
     token: Option<&'static str>,
     stat: Option<&Path>,
 ) -> Result<RateRun, String> {
-    let cpu = || stat.map(|p| cpu_secs(p).ok_or_else(|| format!("cannot read {}", p.display())));
+    let cpu = || stat.map(cpu_secs);
     let before = cpu();
     let (rate, latencies) = rate(plan.rate_clients, plan.rate_time, move |_| {
         let tls = tls.clone();
